@@ -1,0 +1,16 @@
+"""Agriculture-Vision data: layout, sources (directory, TFDS), grain pipelines, synthetic dataset."""
+from agrivision_jax.data.layout import BadFileError
+from agrivision_jax.data.layout import class_names
+from agrivision_jax.data.pipeline import create_eval_iterator
+from agrivision_jax.data.pipeline import create_train_iterator
+from agrivision_jax.data.pipeline import input_channels
+from agrivision_jax.data.pipeline import normalize
+from agrivision_jax.data.sources import create_source
+from agrivision_jax.data.sources import DirectorySource
+from agrivision_jax.data.sources import TfdsSource
+from agrivision_jax.data.synthetic import ensure_synthetic
+
+__all__ = [
+    'BadFileError', 'DirectorySource', 'TfdsSource', 'class_names', 'create_eval_iterator',
+    'create_source', 'create_train_iterator', 'ensure_synthetic', 'input_channels', 'normalize',
+]
