@@ -8,9 +8,8 @@ from agrivision_jax.data.pipeline import normalize
 from agrivision_jax.data.sources import create_source
 from agrivision_jax.data.sources import DirectorySource
 from agrivision_jax.data.sources import TfdsSource
-from agrivision_jax.data.synthetic import ensure_synthetic
 
 __all__ = [
     'BadFileError', 'DirectorySource', 'TfdsSource', 'class_names', 'create_eval_iterator',
-    'create_source', 'create_train_iterator', 'ensure_synthetic', 'input_channels', 'normalize',
+    'create_source', 'create_train_iterator', 'input_channels', 'normalize',
 ]

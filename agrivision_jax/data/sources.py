@@ -13,7 +13,6 @@ from typing import Any
 import ml_collections
 
 from agrivision_jax.data import layout
-from agrivision_jax.data import synthetic
 
 SOURCES = ('synthetic', 'directory', 'tfds')
 PREPARE_COMMAND = 'python -m agrivision_jax.data.prepare --manual_dir=ROOT --data_dir={} --version={}'
@@ -153,6 +152,9 @@ def create_source(data_config: ml_collections.ConfigDict, split: str
   if source == 'tfds':
     return TfdsSource(data_config.data_dir, split, version, data_config.image_size)
   if source == 'synthetic':
+    # Imported here so that `python -m agrivision_jax.data.synthetic` does not find the module
+    # already imported by the package (runpy warns about that).
+    from agrivision_jax.data import synthetic  # pylint: disable=g-import-not-at-top
     syn = data_config.synthetic
     if syn.size != data_config.image_size:
       raise ValueError(f'data.synthetic.size={syn.size} differs from '

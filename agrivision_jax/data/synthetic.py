@@ -13,7 +13,8 @@ of classes are painted with an easy-to-separate colour / NIR / texture signature
   endrow                band along one tile edge with rows perpendicular to the field's rows
   nutrient_deficiency   blob of pale yellow-green, middle-high NIR
 
-Patterns overlap (labels are multi-hot). Invalid regions: part of the tile outside the field
+Patterns overlap where cloud shadow or weeds lie over another pattern (labels are multi-hot);
+the other patterns are opaque and do not overlap, so every labelled pattern is visible. Invalid regions: part of the tile outside the field
 boundary (gravel) and no-data rectangles (black pixels, mask 0). Labels are set only on valid
 pixels, as in the real annotations.
 
@@ -42,20 +43,20 @@ METADATA_FILE = 'synthetic.json'
 _ID_CHARS = np.array(list('ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789'))
 _CROP, _SOIL = (50, 130, 45, 190), (105, 85, 60, 100)
 _OUTSIDE = (150, 140, 130, 60)
-_SHADOW_FACTOR = 0.4
+_SHADOW_FACTOR = 0.55
 _CLASS_PROBABILITY = 0.45
 # (R, G, B, NIR) of the painted classes; stripes: (colour A, colour B) of striped classes.
 _COLOURS = {
     'planter_skip': (185, 160, 120, 60),
     'standing_water': (35, 55, 105, 15),
     'water': (35, 55, 105, 15),
-    'waterway': (135, 135, 85, 135),
+    'waterway': (100, 165, 150, 110),
     'drydown': (200, 170, 70, 110),
     'nutrient_deficiency': (165, 190, 95, 150),
     'weed_cluster': (210, 215, 35, 250),
 }
 _STRIPES = {
-    'double_plant': ((20, 110, 100, 235), (10, 70, 60, 170)),
+    'double_plant': ((0, 150, 170, 250), (25, 95, 120, 205)),
     'endrow': ((90, 165, 40, 170), (110, 90, 55, 95)),
 }
 
@@ -111,7 +112,7 @@ class _Frame:
       q = -self.x * math.sin(a) + self.y * math.cos(a)
       q0 = rng.uniform(q.min() + 0.2 * s, q.max() - 0.2 * s)
       centre = q0 + 0.12 * s * np.sin(2 * math.pi * p / (0.8 * s) + rng.uniform(0, 2 * math.pi))
-      return np.abs(q - centre) < 0.07 * s
+      return np.abs(q - centre) < 0.09 * s
     if name == 'endrow':
       width = 0.2 * s
       edge = rng.integers(4)
@@ -154,11 +155,15 @@ def render_tile(rng: np.random.Generator, size: int, names: Sequence[str]
   order = [c for c in range(len(names) - 1) if names[c + 1] not in composed]
   order += [c for c in range(len(names) - 1) if names[c + 1] == 'weed_cluster']
   order += [c for c in range(len(names) - 1) if names[c + 1] == 'cloud_shadow']
+  opaque = np.zeros((size, size), bool)  # painted by an earlier opaque class
   for c in order:
     if not present[c]:
       continue
     name = names[c + 1]
     shape = frame.shape_of(name, rng)
+    if name not in composed:  # opaque patterns do not overlap, so every label stays visible
+      shape &= ~opaque
+      opaque |= shape
     patterns[..., c] = shape
     if name == 'cloud_shadow':
       image[shape] *= _SHADOW_FACTOR
