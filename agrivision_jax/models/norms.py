@@ -1,0 +1,231 @@
+"""Normalisation layers of the IBN-Net / IBN-s backbones, NHWC.
+
+Every layer computes its statistics in float32 (also when the compute dtype is bfloat16), folds
+them into per-channel coefficients ``a, b`` and returns ``x * a + b`` cast to its ``dtype``, so a
+norm is one fused elementwise pass over the activation. The coefficients are exposed through
+``coefficients`` so that :class:`IBN` can join the IN and BN halves without slicing and
+concatenating the activation itself.
+
+There is no ``axis_name``: under ``jax.jit`` with the batch sharded over a mesh, batch statistics
+are reduced over the global batch (SyncBN semantics), with XLA inserting the collectives.
+
+Numerics follow PyTorch: eps 1e-5, running averages ``r = 0.9 r + 0.1 batch`` (torch momentum 0.1),
+BatchNorm's running variance uses the unbiased batch variance (torch does; flax's ``nn.BatchNorm``
+does not, so it is not used here). Variable names follow flax's BatchNorm: params ``scale``,
+``bias``; batch_stats ``mean``, ``var``.
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Dtype = Any
+
+EPSILON = 1e-5
+MOMENTUM = 0.9  # keep factor of the running averages (PyTorch momentum 0.1)
+
+
+def _moments(x: Array, axes: tuple[int, ...], ddof: int = 0) -> tuple[Array, Array]:
+  """Mean and variance of ``x`` over ``axes`` in float32 (kept dims), one fused reduction.
+
+  Args:
+    x: any-shape array.
+    axes: reduced axes.
+    ddof: 0 for the biased variance, 1 for the unbiased one.
+  Returns:
+    (mean, var), float32, with the reduced axes kept as size 1.
+  """
+  x = x.astype(jnp.float32)
+  mean = jnp.mean(x, axes, keepdims=True)
+  mean_sq = jnp.mean(jnp.square(x), axes, keepdims=True)
+  var = jnp.maximum(mean_sq - jnp.square(mean), 0.0)
+  if ddof:
+    count = 1
+    for axis in axes:
+      count *= x.shape[axis]
+    var = var * (count / (count - ddof))
+  return mean, var
+
+
+def _fold(scale: Array, bias: Array, mean: Array, var: Array,
+          epsilon: float) -> tuple[Array, Array]:
+  """Folds statistics and affine parameters into ``y = x * a + b`` coefficients (float32)."""
+  a = scale * jax.lax.rsqrt(var + epsilon)
+  return a, bias - mean * a
+
+
+def _apply(x: Array, a: Array, b: Array, dtype: Dtype) -> Array:
+  """``x * a + b`` in float32, cast to ``dtype``. x (B,H,W,C); a, b broadcastable to x."""
+  return (x.astype(jnp.float32) * a + b).astype(dtype)
+
+
+def _affine_params(module: nn.Module, channels: int) -> tuple[Array, Array]:
+  """Creates the per-channel ``scale`` (ones) and ``bias`` (zeros) float32 params of a norm."""
+  scale = module.param('scale', nn.initializers.ones, (channels,), jnp.float32)
+  bias = module.param('bias', nn.initializers.zeros, (channels,), jnp.float32)
+  return scale, bias
+
+
+def _check_nhwc(x: Array, layer: str) -> None:
+  if x.ndim != 4:
+    raise ValueError(f'{layer} expects NHWC input (4 dims), got shape {x.shape}')
+
+
+class BatchNorm(nn.Module):
+  """Batch normalisation equal to ``torch.nn.BatchNorm2d`` (eps 1e-5, momentum 0.1).
+
+  Train mode normalises with the biased batch variance over (B, H, W) and updates the running
+  mean and the running *unbiased* variance; eval mode uses the running values.
+  Params: scale, bias (C,). batch_stats: mean (init 0), var (init 1), (C,).
+  """
+  momentum: float = MOMENTUM
+  epsilon: float = EPSILON
+  dtype: Dtype = jnp.float32
+
+  def __call__(self, x: Array, train: bool) -> Array:
+    """x (B,H,W,C) -> (B,H,W,C) in ``dtype``."""
+    a, b = self.coefficients(x, train)
+    return _apply(x, a, b, self.dtype)
+
+  @nn.compact
+  def coefficients(self, x: Array, train: bool) -> tuple[Array, Array]:
+    """x (B,H,W,C) -> float32 coefficients a, b of shape (1,1,1,C) with ``y = x * a + b``."""
+    _check_nhwc(x, 'BatchNorm')
+    channels = x.shape[-1]
+    scale, bias = _affine_params(self, channels)
+    ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((channels,), jnp.float32))
+    ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones((channels,), jnp.float32))
+    if train:
+      count = x.shape[0] * x.shape[1] * x.shape[2]
+      if count < 2:
+        raise ValueError(f'BatchNorm in training needs more than one value per channel, '
+                         f'got input shape {x.shape}')
+      mean, var = _moments(x, (0, 1, 2))
+      mean, var = mean.reshape(channels), var.reshape(channels)
+      if not self.is_initializing():
+        unbiased = var * (count / (count - 1))
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased
+    else:
+      mean, var = ra_mean.value, ra_var.value
+    a, b = _fold(scale, bias, mean, var, self.epsilon)
+    return a.reshape(1, 1, 1, channels), b.reshape(1, 1, 1, channels)
+
+
+class InstanceNorm(nn.Module):
+  """Instance normalisation equal to ``torch.nn.InstanceNorm2d(C, affine=True)``.
+
+  Per sample and channel over (H, W), biased variance, eps 1e-5, no running statistics.
+  Params: scale, bias (C,).
+  """
+  epsilon: float = EPSILON
+  dtype: Dtype = jnp.float32
+
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    """x (B,H,W,C) -> (B,H,W,C) in ``dtype``; ``train`` changes nothing (no running stats)."""
+    a, b = self.coefficients(x)
+    return _apply(x, a, b, self.dtype)
+
+  @nn.compact
+  def coefficients(self, x: Array) -> tuple[Array, Array]:
+    """x (B,H,W,C) -> float32 coefficients a, b of shape (B,1,1,C) with ``y = x * a + b``."""
+    _check_nhwc(x, 'InstanceNorm')
+    scale, bias = _affine_params(self, x.shape[-1])
+    mean, var = _moments(x, (1, 2))
+    return _fold(scale, bias, mean, var, self.epsilon)
+
+
+class SwitchableNorm(nn.Module):
+  """Switchable Normalization (Luo et al.), equal to the reference ``SwitchNorm2d``.
+
+  IN statistics per sample and channel over (H, W) with the UNBIASED variance; LN statistics are
+  the channel means of the IN ones (var_ln = mean_c(var_in + mean_in^2) - mean_ln^2) and BN
+  statistics the batch means likewise. The normaliser is ``softmax(mean_weight) . [IN, LN, BN]``
+  for the mean and ``softmax(var_weight) . [IN, LN, BN]`` for the variance.
+
+  Train mode with ``using_moving_average`` updates ``r = 0.9 r + 0.1 batch`` for the BN mean and
+  variance (the variance derived as above, not re-estimated); without it the running values
+  accumulate ``mean_bn`` and ``mean_bn^2 + var_bn``. Eval mode uses the running values as the BN
+  term. With ``using_bn=False`` there is no BN term and no running statistics.
+
+  Params: scale, bias (C,); mean_weight, var_weight (3,) or (2,), init ones.
+  batch_stats (when using_bn): mean, var (C,), init ZERO.
+  """
+  momentum: float = MOMENTUM
+  epsilon: float = EPSILON
+  using_moving_average: bool = True
+  using_bn: bool = True
+  dtype: Dtype = jnp.float32
+
+  def __call__(self, x: Array, train: bool) -> Array:
+    """x (B,H,W,C) -> (B,H,W,C) in ``dtype``."""
+    a, b = self.coefficients(x, train)
+    return _apply(x, a, b, self.dtype)
+
+  @nn.compact
+  def coefficients(self, x: Array, train: bool) -> tuple[Array, Array]:
+    """x (B,H,W,C) -> float32 coefficients a, b of shape (B,1,1,C) with ``y = x * a + b``."""
+    _check_nhwc(x, 'SwitchableNorm')
+    if x.shape[1] * x.shape[2] < 2:
+      raise ValueError(f'SwitchableNorm needs at least 2 spatial positions for the unbiased '
+                       f'instance variance, got input shape {x.shape}')
+    channels = x.shape[-1]
+    scale, bias = _affine_params(self, channels)
+    num_terms = 3 if self.using_bn else 2
+    mean_weight = self.param('mean_weight', nn.initializers.ones, (num_terms,), jnp.float32)
+    var_weight = self.param('var_weight', nn.initializers.ones, (num_terms,), jnp.float32)
+    mean_weight = jax.nn.softmax(mean_weight)
+    var_weight = jax.nn.softmax(var_weight)
+
+    mean_in, var_in = _moments(x, (1, 2), ddof=1)  # (B,1,1,C)
+    second_moment = var_in + jnp.square(mean_in)
+    mean_ln = jnp.mean(mean_in, axis=-1, keepdims=True)  # (B,1,1,1)
+    var_ln = jnp.mean(second_moment, axis=-1, keepdims=True) - jnp.square(mean_ln)
+    mean = mean_weight[0] * mean_in + mean_weight[1] * mean_ln
+    var = var_weight[0] * var_in + var_weight[1] * var_ln
+
+    if self.using_bn:
+      ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((channels,), jnp.float32))
+      ra_var = self.variable('batch_stats', 'var', lambda: jnp.zeros((channels,), jnp.float32))
+      if train:
+        mean_bn = jnp.mean(mean_in, axis=0).reshape(channels)
+        var_bn = jnp.mean(second_moment, axis=0).reshape(channels) - jnp.square(mean_bn)
+        if not self.is_initializing():
+          if self.using_moving_average:
+            ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean_bn
+            ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var_bn
+          else:
+            ra_mean.value = ra_mean.value + mean_bn
+            ra_var.value = ra_var.value + jnp.square(mean_bn) + var_bn
+      else:
+        mean_bn, var_bn = ra_mean.value, ra_var.value
+      mean = mean + mean_weight[2] * mean_bn
+      var = var + var_weight[2] * var_bn
+
+    return _fold(scale, bias, mean, var, self.epsilon)
+
+
+class IBN(nn.Module):
+  """IBN-a normalisation (IBN-Net): InstanceNorm on the first ``int(C/2)`` channels, BatchNorm on
+  the rest, concatenated. Submodules ``IN`` (InstanceNorm) and ``BN`` (BatchNorm)."""
+  dtype: Dtype = jnp.float32
+
+  def __call__(self, x: Array, train: bool) -> Array:
+    """x (B,H,W,C) -> (B,H,W,C) in ``dtype``."""
+    a, b = self.coefficients(x, train)
+    return _apply(x, a, b, self.dtype)
+
+  @nn.compact
+  def coefficients(self, x: Array, train: bool) -> tuple[Array, Array]:
+    """x (B,H,W,C) -> float32 coefficients a, b of shape (B,1,1,C) with ``y = x * a + b``."""
+    _check_nhwc(x, 'IBN')
+    batch, channels = x.shape[0], x.shape[-1]
+    half = int(channels / 2)
+    a_in, b_in = InstanceNorm(name='IN').coefficients(x[..., :half])
+    a_bn, b_bn = BatchNorm(name='BN').coefficients(x[..., half:], train)
+    bn_shape = (batch, 1, 1, channels - half)
+    a = jnp.concatenate([a_in, jnp.broadcast_to(a_bn, bn_shape)], axis=-1)
+    b = jnp.concatenate([b_in, jnp.broadcast_to(b_bn, bn_shape)], axis=-1)
+    return a, b
