@@ -12,19 +12,33 @@ the result does not depend on the batch size.
 """
 
 import dataclasses
+import functools
 import json
 import os
-import time
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from matplotlib.figure import Figure
 
+from agrivision_jax import configuration
+from agrivision_jax import data as data_lib
+from agrivision_jax import models
+from agrivision_jax import train
+from agrivision_jax.progress import Progress
+
 PAIRINGS = ('replicate', 'zero')
+# Input channels of A and B, by (model in_channels, pairing), for the record in divergence.json.
+PAIRING_CHANNELS = {
+    (3, 'replicate'): ('R,G,B', 'N,N,N'), (3, 'zero'): ('R,G,B', 'N,N,N'),
+    (4, 'replicate'): ('R,G,B,R', 'N,N,N,N'), (4, 'zero'): ('R,G,B,0', 'N,N,N,0'),
+}
 
 
 def gaussian_kl(mean_p: np.ndarray, var_p: np.ndarray, mean_q: np.ndarray,
@@ -89,36 +103,56 @@ class ChannelStats:
 
 
 def layer_divergence(stats_a: ChannelStats, stats_b: ChannelStats,
-                     var_eps: float) -> tuple[float, int]:
+                     var_eps: float) -> tuple[float | None, int]:
   """Mean over channels of the symmetric KL between the A and B fits of one layer.
+
+  A channel whose variance is at most ``var_eps`` under A or B (e.g. a ReLU output that is 0 on
+  every image of one modality) has no finite KL (a point mass against a Gaussian); it is left out
+  of the mean and counted instead, so one dead channel cannot swamp the layer with a number set by
+  an arbitrary variance floor.
 
   Args:
     stats_a, stats_b: per-channel fits of the same layer under inputs A and B.
-    var_eps: added to every variance; a channel that is constant over the images (e.g. a ReLU
-      output that is 0 on every image) would otherwise give 0/0.
+    var_eps: variance at or below which a channel counts as degenerate.
 
   Returns:
-    (divergence, number of channels whose variance is below var_eps under A or B).
+    (divergence over the other channels, or None if every channel is degenerate;
+     number of degenerate channels).
   """
   var_a, var_b = stats_a.variance(), stats_b.variance()
-  kl = symmetric_kl(stats_a.mean, var_a + var_eps, stats_b.mean, var_b + var_eps)
-  degenerate = int(np.sum((var_a < var_eps) | (var_b < var_eps)))
+  defined = (var_a > var_eps) & (var_b > var_eps)
+  degenerate = int(np.sum(~defined))
+  if not defined.any():
+    return None, degenerate
+  kl = symmetric_kl(stats_a.mean[defined], var_a[defined], stats_b.mean[defined], var_b[defined])
   return float(np.mean(kl)), degenerate
 
 
+def area_matrix(out_size: int, in_size: int) -> np.ndarray:
+  """(out_size, in_size) float32: row i holds the fraction of output cell i's extent
+  [i * in/out, (i + 1) * in/out) that each input pixel [y, y + 1) covers (rows sum to 1)."""
+  scale = in_size / out_size
+  low = np.arange(out_size)[:, None] * scale
+  pixel = np.arange(in_size)[None, :]
+  overlap = np.minimum(low + scale, pixel + 1) - np.maximum(low, pixel)
+  return (np.maximum(overlap, 0) / scale).astype(np.float32)
+
+
 def downsample_valid(valid: jax.Array, size: tuple[int, int]) -> jax.Array:
-  """Fraction-of-valid weights of a feature map: valid (B, H, W) bool -> (B, h, w) float32 in [0, 1]
-  (antialiased linear resize, so every input pixel contributes to some output pixel)."""
-  batch = valid.shape[0]
-  return jax.image.resize(valid.astype(jnp.float32), (batch, *size), method='linear',
-                          antialias=True)
+  """Fraction of valid input area under each feature pixel: valid (B, H, W) bool -> (B, h, w)
+  float32 in [0, 1]; feature pixel (i, j) covers the input cell [i H/h, (i+1) H/h) x
+  [j W/w, (j+1) W/w) (the block of a stride-H/h layer when it divides)."""
+  rows = jnp.asarray(area_matrix(size[0], valid.shape[1]))
+  cols = jnp.asarray(area_matrix(size[1], valid.shape[2]))
+  return jnp.einsum('iy,byx,jx->bij', rows, valid.astype(jnp.float32), cols,
+                    precision=jax.lax.Precision.HIGHEST)
 
 
 def spatial_channel_means(features: jax.Array, valid: jax.Array | None = None) -> jax.Array:
   """Per-image, per-channel spatial mean of features (B, h, w, C) -> (B, C) float32.
 
   With ``valid`` (B, H, W) bool at the input resolution, the mean is weighted by the fraction of
-  valid input pixels under each feature pixel (``downsample_valid``); an image without any valid
+  valid input area under each feature pixel (``downsample_valid``); an image without any valid
   pixel gets NaN (callers drop it).
   """
   features = features.astype(jnp.float32)
@@ -162,14 +196,15 @@ def plot_divergence(runs: Sequence[tuple[str, Sequence[Mapping[str, Any]]]], pat
 
   Args:
     runs: (label, layers) pairs; layers as in divergence.json: dicts with 'index', 'name',
-      'divergence'.
+      'divergence' (None: not plotted).
     path: output image path (PNG).
     title: the plot title.
   """
   figure = Figure(figsize=(9, 4.2), dpi=120)
   axis = figure.subplots()
   for label, layers in runs:
-    axis.plot([layer['index'] for layer in layers], [layer['divergence'] for layer in layers],
+    axis.plot([layer['index'] for layer in layers],
+              [np.nan if layer['divergence'] is None else layer['divergence'] for layer in layers],
               marker='o', markersize=3, linewidth=1.2, label=label)
   names = [layer['name'] for layer in max((layers for _, layers in runs), key=len)]
   # Stage boundaries: a dotted line before the first block of each stage.
@@ -189,3 +224,222 @@ def plot_divergence(runs: Sequence[tuple[str, Sequence[Mapping[str, Any]]]], pat
   figure.tight_layout()
   os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
   figure.savefig(path)
+
+
+def channel_means(model: nn.Module, variables: Mapping[str, Any], images: jax.Array,
+                  valid: jax.Array, *, pairing: str,
+                  valid_only: bool) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+  """Per-image channel means of every captured layer under inputs A (RGB) and B (NIR).
+
+  Args:
+    model: a module from ``models.create_model``.
+    variables: {'params', 'batch_stats'}.
+    images: (B, H, W, 4) normalised R, G, B, NIR.
+    valid: (B, H, W) bool.
+    pairing: how a 4-channel model is fed (``modality_inputs``).
+    valid_only: average over valid pixels only.
+
+  Returns:
+    (means_a, means_b): {layer name: (B, C_layer) float32}, ordered as
+    ``models.backbone_layer_names``. A and B go through the network as one batch of 2B images
+    (eval mode: every image is normalised independently of the others).
+  """
+  images_a, images_b = modality_inputs(images, model.in_channels, pairing)
+  outputs = models.capture_layer_outputs(
+      model, variables, jnp.concatenate([images_a, images_b], axis=0))
+  weights = jnp.concatenate([valid, valid], axis=0) if valid_only else None
+  batch = images.shape[0]
+  means_a, means_b = {}, {}
+  for name, features in outputs.items():
+    means = spatial_channel_means(features, weights)
+    means_a[name], means_b[name] = means[:batch], means[batch:]
+  return means_a, means_b
+
+
+@functools.lru_cache(maxsize=8)
+def _statistics_step(model: nn.Module, mesh: jax.sharding.Mesh, pairing: str,
+                     valid_only: bool) -> Callable:
+  """Jitted (variables, images, valid, real) -> (means_a, means_b, keep (B,) bool), replicated;
+  cached so that repeated passes with the same model and shapes compile once."""
+  data, replicated = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
+
+  def step(variables, images, valid, real):
+    means_a, means_b = channel_means(model, variables, images, valid, pairing=pairing,
+                                     valid_only=valid_only)
+    keep = real & jnp.any(valid, axis=(1, 2)) if valid_only else real
+    return means_a, means_b, keep
+
+  return jax.jit(step, in_shardings=(replicated, data, data, data), out_shardings=replicated)
+
+
+def accumulate_statistics(model: nn.Module, variables: Mapping[str, Any],
+                          batches: Iterable[Mapping[str, np.ndarray]], mesh: jax.sharding.Mesh,
+                          *, pairing: str, valid_only: bool, num_images: int = 0,
+                          progress: Callable[[int], None] = lambda count: None
+                          ) -> tuple[dict[str, ChannelStats], dict[str, ChannelStats]]:
+  """Streams a split through the network, fitting per-channel Gaussians under inputs A and B.
+
+  Args:
+    model, variables: the network and its {'params', 'batch_stats'} (replicated over ``mesh``).
+    batches: this process's batches of {'image': (b, H, W, 4) float32 normalised R, G, B, NIR,
+      'valid': (b, H, W) bool, 'id': (b,) str ('' = padding)}; b * process_count must be
+      divisible by the mesh size.
+    mesh: 1-D 'data' mesh over which the global batch is split.
+    pairing, valid_only: see ``channel_means``.
+    num_images: stop after this many images (0: all). Padding images, and with ``valid_only``
+      images without any valid pixel, are not counted.
+    progress: called with the number of images taken from each batch.
+
+  Returns:
+    (stats_a, stats_b): {layer name: ChannelStats}, the same on every process.
+  """
+  data = NamedSharding(mesh, P('data'))
+  step = _statistics_step(model, mesh, pairing, valid_only)
+  names = models.backbone_layer_names(model.arch)
+  stats_a: dict[str, ChannelStats] = {}
+  stats_b: dict[str, ChannelStats] = {}
+  used = 0
+  for batch in batches:
+    inputs = [jax.make_array_from_process_local_data(data, np.asarray(x)) for x in (
+        batch['image'], batch['valid'], np.asarray(batch['id']) != '')]
+    means_a, means_b, keep = jax.device_get(step(variables, *inputs))
+    rows = np.flatnonzero(keep)
+    if num_images:
+      rows = rows[:num_images - used]
+    for name in names:  # jit outputs come back with sorted keys: restore the layer order
+      stats_a[name] = stats_a.get(name, ChannelStats.empty(means_a[name].shape[1])).update(
+          means_a[name][rows])
+      stats_b[name] = stats_b.get(name, ChannelStats.empty(means_b[name].shape[1])).update(
+          means_b[name][rows])
+    used += len(rows)
+    progress(len(rows))
+    if num_images and used >= num_images:
+      break
+  return stats_a, stats_b
+
+
+def summarize(stats_a: Mapping[str, ChannelStats], stats_b: Mapping[str, ChannelStats],
+              var_eps: float) -> list[dict[str, Any]]:
+  """Per-layer records [{'index', 'name', 'channels', 'divergence', 'degenerate_channels'}]
+  (``layer_divergence``; divergence None where every channel is degenerate)."""
+  layers = []
+  for index, name in enumerate(stats_a):
+    value, degenerate = layer_divergence(stats_a[name], stats_b[name], var_eps)
+    layers.append({'index': index, 'name': name, 'channels': int(stats_a[name].mean.shape[0]),
+                   'divergence': value, 'degenerate_channels': degenerate})
+  return layers
+
+
+def _divergence_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Returns config.divergence after checking its fields (ValueError naming the field)."""
+  if 'divergence' not in config:
+    raise ValueError('config.divergence is missing (fields: split, num_images, batch_size, '
+                     'valid_only, random_init, pairing, var_eps)')
+  settings = config.divergence
+  checks = {
+      'split': lambda v: v in ('train', 'val', 'test'),
+      'num_images': lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+      'batch_size': lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+      'valid_only': lambda v: isinstance(v, bool),
+      'random_init': lambda v: isinstance(v, bool),
+      'pairing': lambda v: v in PAIRINGS,
+      'var_eps': lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
+  }
+  for field, check in checks.items():
+    if field not in settings:
+      raise ValueError(f'config.divergence.{field} is missing')
+    if not check(settings[field]):
+      raise ValueError(f'config.divergence.{field} has a bad value: {settings[field]!r} '
+                       f"(split: train|val|test; pairing: {'|'.join(PAIRINGS)}; num_images >= 0;"
+                       ' batch_size > 0; var_eps >= 0; valid_only, random_init: bool)')
+  return settings
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """``--mode=divergence``: RGB-vs-NIR divergence of every backbone layer of a workdir's model.
+
+  Loads the workdir's latest checkpoint (else ``config.init_from``; or a fresh initialisation with
+  ``config.divergence.random_init``), streams ``config.divergence.split`` through it and writes,
+  on process 0, into ``workdir``: ``divergence.json`` (settings and per-layer name, channels,
+  divergence), ``divergence_stats.npz`` (the per-channel fits: '<layer>/mean_a', 'var_a',
+  'mean_b', 'var_b', and 'count') and ``divergence.png`` (divergence against layer index).
+
+  Returns:
+    The content of divergence.json: {'settings': {...}, 'layers': [...], 'mean_divergence'}.
+
+  Raises:
+    FileNotFoundError: the workdir has no checkpoint and neither init_from nor random_init is set.
+    ValueError: a bad config field, named.
+  """
+  settings = _divergence_config(config)
+  train.maybe_initialize_distributed(config)
+  configuration.validate(config, jax.device_count(), jax.process_count())
+  if settings.batch_size % jax.device_count():
+    raise ValueError(f'config.divergence.batch_size={settings.batch_size} must be divisible by '
+                     f'the number of devices ({jax.device_count()})')
+  mesh = train.create_mesh()
+  model = models.create_model(config.model)
+  if settings.random_init:
+    size = config.data.image_size
+    variables = jax.device_put(
+        models.init_variables(model, jax.random.key(config.seed),
+                              (1, size, size, config.model.in_channels)),
+        NamedSharding(mesh, P()))
+    weights = f'random initialisation (seed {config.seed})'
+  else:
+    variables = train.restore_variables(config, workdir, mesh)
+    weights = f'latest checkpoint of {workdir} (else config.init_from={config.init_from!r})'
+  data_config = config.data.copy_and_resolve_references()
+  data_config.modality = 'nrgb'
+  data_config.eval_batch_size = settings.batch_size
+  batches = data_lib.create_eval_iterator(data_config, settings.split, jax.process_index(),
+                                          jax.process_count())
+  total = len(data_lib.create_source(data_config, settings.split))
+  if settings.num_images:
+    total = min(total, settings.num_images)
+  progress = Progress(f'divergence {settings.split}', total)
+  stats_a, stats_b = accumulate_statistics(
+      model, variables, batches, mesh, pairing=settings.pairing, valid_only=settings.valid_only,
+      num_images=settings.num_images, progress=progress.update)
+  progress.finish()
+  layers = summarize(stats_a, stats_b, settings.var_eps)
+  input_a, input_b = PAIRING_CHANNELS[(config.model.in_channels, settings.pairing)]
+  result = {
+      'settings': {
+          'split': settings.split, 'num_images': next(iter(stats_a.values())).count,
+          'num_images_requested': settings.num_images, 'valid_only': settings.valid_only,
+          'random_init': settings.random_init, 'pairing': settings.pairing,
+          'input_a': input_a, 'input_b': input_b, 'var_eps': settings.var_eps,
+          'variance': 'unbiased (ddof=1)', 'arch': config.model.arch,
+          'ibn_mode': config.model.ibn_mode, 'in_channels': config.model.in_channels,
+          'width': config.model.width, 'image_size': config.data.image_size,
+          'data_dir': config.data.data_dir, 'weights': weights,
+      },
+      'layers': layers,
+      'mean_divergence': float(np.mean(
+          [layer['divergence'] for layer in layers if layer['divergence'] is not None])),
+  }
+  if jax.process_index() == 0:
+    _write_outputs(workdir, result, stats_a, stats_b)
+  logging.info('divergence of %d layers over %d images: %s', len(layers),
+               result['settings']['num_images'],
+               ' '.join(f"{layer['name']}={layer['divergence']:.4f}" for layer in layers))
+  return result
+
+
+def _write_outputs(workdir: str, result: Mapping[str, Any],
+                   stats_a: Mapping[str, ChannelStats],
+                   stats_b: Mapping[str, ChannelStats]) -> None:
+  """Writes divergence.json, divergence_stats.npz and divergence.png into ``workdir``."""
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'divergence.json'), 'w') as f:
+    json.dump(result, f, indent=2)
+  arrays = {'count': np.asarray(next(iter(stats_a.values())).count)}
+  for name in stats_a:
+    arrays.update({f'{name}/mean_a': stats_a[name].mean, f'{name}/var_a': stats_a[name].variance(),
+                   f'{name}/mean_b': stats_b[name].mean, f'{name}/var_b': stats_b[name].variance()})
+  np.savez(os.path.join(workdir, 'divergence_stats.npz'), **arrays)
+  settings = result['settings']
+  title = (f"{settings['arch']} ibn={settings['ibn_mode']}: A={settings['input_a']} vs "
+           f"B={settings['input_b']}, {settings['split']} ({settings['num_images']} images)")
+  plot_divergence([('', result['layers'])], os.path.join(workdir, 'divergence.png'), title=title)

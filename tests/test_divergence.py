@@ -1,9 +1,20 @@
 """Feature divergence: KL formula, streaming Gaussian fit, layer capture, end-to-end run."""
 
+import importlib.util
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
+from PIL import Image
 
+from agrivision_jax import data as data_lib
 from agrivision_jax import divergence
+from agrivision_jax import models
+from agrivision_jax import train
 
 
 def _kl_by_integration(mean_p, var_p, mean_q, var_q):
@@ -63,17 +74,242 @@ def test_variance_needs_two_images():
     divergence.ChannelStats.from_samples(np.ones((1, 3))).variance()
 
 
-def test_layer_divergence_is_mean_over_channels_and_counts_constant_channels():
+def test_layer_divergence_averages_the_channels_with_a_finite_kl():
   rng = np.random.default_rng(3)
-  a = rng.normal(size=(20, 4))
-  b = rng.normal(1.0, 2.0, size=(20, 4))
-  a[:, 3] = b[:, 3] = 0.0   # a dead ReLU channel under both inputs
+  a = rng.normal(size=(20, 5))
+  b = rng.normal(1.0, 2.0, size=(20, 5))
+  a[:, 3] = b[:, 3] = 0.0   # a ReLU channel dead under both inputs
+  b[:, 4] = 0.0             # ... and one dead under B only: KL(point mass || Gaussian) is infinite
   value, degenerate = divergence.layer_divergence(divergence.ChannelStats.from_samples(a),
                                                   divergence.ChannelStats.from_samples(b), 1e-6)
-  var_a, var_b = a.var(axis=0, ddof=1) + 1e-6, b.var(axis=0, ddof=1) + 1e-6
-  expected = []
-  for c in range(4):
-    expected.append(_kl_by_integration(a[:, c].mean(), var_a[c], b[:, c].mean(), var_b[c])
-                    + _kl_by_integration(b[:, c].mean(), var_b[c], a[:, c].mean(), var_a[c]))
+  var_a, var_b = a.var(axis=0, ddof=1), b.var(axis=0, ddof=1)
+  expected = [_kl_by_integration(a[:, c].mean(), var_a[c], b[:, c].mean(), var_b[c])
+              + _kl_by_integration(b[:, c].mean(), var_b[c], a[:, c].mean(), var_a[c])
+              for c in range(3)]
   np.testing.assert_allclose(value, np.mean(expected), rtol=1e-6)
-  assert degenerate == 1
+  assert degenerate == 2
+  dead = divergence.ChannelStats.from_samples(np.zeros((4, 2)))
+  assert divergence.layer_divergence(dead, dead, 1e-6) == (None, 2)
+
+
+def tiny_model_config(arch: str = 'resnet50', in_channels: int = 4, ibn_mode: str = 's') -> dict:
+  """A DeepLabV3+ small enough to compile in seconds on 2 CPU cores."""
+  return dict(arch=arch, ibn_mode=ibn_mode, output_stride=16, multi_grid=(1, 2, 4),
+              in_channels=in_channels, num_classes=7, num_low_level_features=3, dtype='float32',
+              width=4, aspp_channels=8, decoder_channels=8, low_level_channels=4)
+
+
+def load_default_configs():
+  """configs/default.py as a module."""
+  path = pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'default.py'
+  spec = importlib.util.spec_from_file_location('analysis_tests_default_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def tiny_experiment_config(data_dir: str) -> ml_collections.ConfigDict:
+  """The IBN-Net50-s row shrunk to ``tiny_model_config`` on 32x32 synthetic tiles (6 val, 3 test),
+  with the divergence and predict settings at their defaults and batches of 8 (one per device)."""
+  config = load_default_configs().get_config('depth=50', ibn_mode='s')
+  config.model.update({k: v for k, v in tiny_model_config().items() if k in config.model})
+  config.data.update(dict(source='synthetic', data_dir=data_dir, image_size=32, batch_size=8,
+                          eval_batch_size=8, num_workers=0))
+  config.data.synthetic.update(dict(num_train=8, num_val=6, num_test=3, size=32, seed=0))
+  config.divergence = ml_collections.ConfigDict(dict(
+      split='val', num_images=0, batch_size=8, valid_only=False, random_init=False,
+      pairing='replicate', var_eps=1e-6))
+  config.predict = ml_collections.ConfigDict(dict(split='val', tta='none', num_overlays=4,
+                                                  batch_size=8))
+  return config
+
+
+def random_variables(model, seed: int = 0) -> dict:
+  """Random {'params', 'batch_stats'} of ``model`` with the shapes of its init (jax.eval_shape, no
+  compilation): He-normal kernels, norm scales near 1, biases and mixing logits near 0, running
+  means near 0 and running variances in [0.5, 1.5]."""
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, model.in_channels)),
+                         train=False))
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name = path[-1].key
+    if name == 'kernel':
+      fan_in = np.prod(leaf.shape[:-1])
+      return rng.normal(0, np.sqrt(2 / fan_in), leaf.shape).astype(np.float32)
+    if name == 'var':
+      return rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32)
+    centre = 1.0 if name == 'scale' else 0.0
+    return (centre + rng.normal(0, 0.1, leaf.shape)).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def test_modality_inputs_for_each_pairing():
+  images = np.random.default_rng(4).normal(size=(2, 5, 7, 4)).astype(np.float32)
+  r, g, b, n = (images[..., c:c + 1] for c in range(4))
+  zero = np.zeros_like(n)
+  expected = {
+      (3, 'replicate'): ((r, g, b), (n, n, n)),
+      (4, 'replicate'): ((r, g, b, r), (n, n, n, n)),
+      (4, 'zero'): ((r, g, b, zero), (n, n, n, zero)),
+  }
+  for (in_channels, pairing), (channels_a, channels_b) in expected.items():
+    a, b_ = divergence.modality_inputs(jnp.asarray(images), in_channels, pairing)
+    np.testing.assert_array_equal(a, np.concatenate(channels_a, axis=-1))
+    np.testing.assert_array_equal(b_, np.concatenate(channels_b, axis=-1))
+  with pytest.raises(ValueError, match='config.divergence.pairing'):
+    divergence.modality_inputs(jnp.asarray(images), 4, 'mean')
+
+
+def _area_weights_brute_force(valid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  """Valid fractions by supersampling: repeating every pixel h (w) times makes each output cell
+  exactly H (W) fine cells long."""
+  (h, w), (_, height, width) = size, valid.shape
+  fine = np.repeat(np.repeat(valid.astype(np.float64), h, axis=1), w, axis=2)
+  return fine.reshape(len(valid), h, height, w, width).mean(axis=(2, 4))
+
+
+def test_downsample_valid_is_the_valid_area_fraction():
+  valid = np.random.default_rng(5).uniform(size=(2, 40, 48)) > 0.4
+  for size in [(20, 24), (10, 12), (5, 6), (3, 3), (7, 5)]:
+    np.testing.assert_allclose(divergence.downsample_valid(jnp.asarray(valid), size),
+                               _area_weights_brute_force(valid, size), atol=1e-6)
+  # Where the stride divides, a feature pixel's weight is the mean of its block.
+  np.testing.assert_allclose(divergence.downsample_valid(jnp.asarray(valid), (10, 12)),
+                             valid.reshape(2, 10, 4, 12, 4).mean(axis=(2, 4)), atol=1e-6)
+
+
+def _split_images(count: int = 8, seed: int = 6):
+  """``count`` random 40x48 images; the last two are one without any valid pixel and padding."""
+  rng = np.random.default_rng(seed)
+  images = rng.normal(size=(count, 40, 48, 4)).astype(np.float32)
+  images[..., 3] = 0.5 * images[..., 3] + 0.8   # NIR statistics differ from RGB's
+  rows, cols = np.mgrid[:40, :48]
+  centres = rng.uniform(0, 48, size=(count, 2))
+  valid = (rows - centres[:, :1, None]) ** 2 + (cols - centres[:, 1:, None]) ** 2 < 25 ** 2
+  valid[-2:] = False
+  ids = np.array([f'tile{i}' for i in range(count - 1)] + [''])
+  return images, valid, ids
+
+
+def _batches(images, valid, ids, batch_size):
+  return [{'image': images[i:i + batch_size], 'valid': valid[i:i + batch_size],
+           'id': ids[i:i + batch_size]} for i in range(0, len(images), batch_size)]
+
+
+@pytest.fixture(scope='module')
+def tiny_r50():
+  model = models.create_model(tiny_model_config())
+  return model, random_variables(model)
+
+
+def test_streaming_statistics_match_direct_computation_for_any_batch_size(tiny_r50):
+  model, variables = tiny_r50
+  mesh = train.create_mesh(jax.devices()[:1])
+  images, valid, ids = _split_images()
+  results = [divergence.accumulate_statistics(model, variables, _batches(images, valid, ids, size),
+                                              mesh, pairing='replicate', valid_only=True)
+             for size in (2, 4)]
+
+  # Reference: every kept image's features at once, weighted means and variances in float64.
+  kept = slice(0, 6)
+  rgbr = np.concatenate([images[kept, ..., :3], images[kept, ..., :1]], axis=-1)
+  nir4 = np.repeat(images[kept, ..., 3:], 4, axis=-1)
+  features = models.capture_layer_outputs(model, variables, jnp.asarray(np.concatenate([rgbr, nir4])))
+  for name, layer_features in features.items():
+    layer_features = np.asarray(layer_features, np.float64)
+    weights = _area_weights_brute_force(np.concatenate([valid[kept]] * 2),
+                                        layer_features.shape[1:3])[..., None]
+    means = (layer_features * weights).sum(axis=(1, 2)) / weights.sum(axis=(1, 2))
+    for stats_a, stats_b in results:
+      for stats, reference in ((stats_a[name], means[:6]), (stats_b[name], means[6:])):
+        assert stats.count == 6
+        np.testing.assert_allclose(stats.mean, reference.mean(axis=0), rtol=2e-5, atol=1e-6)
+        np.testing.assert_allclose(stats.variance(), reference.var(axis=0, ddof=1), rtol=2e-4,
+                                   atol=1e-7)
+  assert list(results[0][0]) == models.backbone_layer_names('resnet50')
+
+
+def test_identical_inputs_give_zero_divergence_at_every_layer(tiny_r50):
+  model, variables = tiny_r50
+  mesh = train.create_mesh(jax.devices()[:1])
+  images, valid, ids = _split_images(seed=7)
+  stats = divergence.accumulate_statistics(model, variables, _batches(images, valid, ids, 4), mesh,
+                                           pairing='replicate', valid_only=True)
+  different = divergence.summarize(*stats, var_eps=1e-6)
+  assert all(layer['divergence'] > 1e-3 for layer in different)
+  images[..., :3] = images[..., 3:]   # RGB := NIR, so A = (R,G,B,R) equals B = (N,N,N,N)
+  stats = divergence.accumulate_statistics(model, variables, _batches(images, valid, ids, 4), mesh,
+                                           pairing='replicate', valid_only=True)
+  layers = divergence.summarize(*stats, var_eps=1e-6)
+  assert [layer['name'] for layer in layers] == models.backbone_layer_names('resnet50')
+  np.testing.assert_allclose([layer['divergence'] for layer in layers], 0.0, atol=1e-9)
+
+
+@pytest.mark.parametrize('arch, count', [('resnet101', 34), ('resnet50', 17)])
+def test_every_block_is_captured(arch, count):
+  model = models.create_model(tiny_model_config(arch=arch, in_channels=3, ibn_mode='a'))
+  variables = jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
+  means_a, means_b = jax.eval_shape(
+      lambda v, x, m: divergence.channel_means(model, v, x, m, pairing='replicate',
+                                               valid_only=True),
+      variables, jax.ShapeDtypeStruct((2, 32, 48, 4), jnp.float32),
+      jax.ShapeDtypeStruct((2, 32, 48), jnp.bool_))
+  names = models.backbone_layer_names(arch)
+  # (pytrees come back with sorted keys; accumulate_statistics restores the layer order)
+  assert len(names) == count and sorted(means_a) == sorted(means_b) == sorted(names)
+  width = 4
+  for name in names:
+    stage = 0 if name == 'stem' else int(name[5])
+    channels = width if stage == 0 else 4 * width * 2 ** (stage - 1)
+    assert means_a[name].shape == means_b[name].shape == (2, channels)
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('synthetic') / 'av')
+
+
+def test_run_writes_json_stats_and_plot(data_dir, tmp_path, monkeypatch):
+  config = tiny_experiment_config(data_dir)
+  config.divergence.update(dict(random_init=True, valid_only=True))
+  # models.init_variables compiles the whole network (a minute on 2 shared cores); random weights
+  # of the same shapes serve as the fresh initialisation here.
+  monkeypatch.setattr(models, 'init_variables', lambda model, key, shape: random_variables(model))
+  result = divergence.run(config, str(tmp_path))
+
+  source = data_lib.create_source(config.data, 'val')
+  with_valid = sum(bool(source[i]['valid'].any()) for i in range(len(source)))
+  with open(tmp_path / 'divergence.json') as f:
+    written = json.load(f)
+  assert written == json.loads(json.dumps(result))
+  assert written['settings']['num_images'] == with_valid > 2
+  assert written['settings']['input_a'] == 'R,G,B,R' and written['settings']['random_init']
+  names = models.backbone_layer_names('resnet50')
+  assert [layer['name'] for layer in written['layers']] == names
+  assert [layer['index'] for layer in written['layers']] == list(range(17))
+  assert written['layers'][0]['channels'] == 4 and written['layers'][-1]['channels'] == 128
+  assert all(np.isfinite(layer['divergence']) and layer['divergence'] > 0
+             for layer in written['layers'])
+  stats = np.load(tmp_path / 'divergence_stats.npz')
+  assert int(stats['count']) == with_valid and stats['layer4_2/var_b'].shape == (128,)
+  with Image.open(tmp_path / 'divergence.png') as image:
+    assert image.format == 'PNG' and min(image.size) > 100
+
+  config.divergence.num_images = 2
+  assert divergence.run(config, str(tmp_path))['settings']['num_images'] == 2
+
+
+def test_run_without_checkpoint_names_the_workdir(data_dir, tmp_path):
+  with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+    divergence.run(tiny_experiment_config(data_dir), str(tmp_path))
+
+
+def test_bad_divergence_config_is_named(data_dir, tmp_path):
+  config = tiny_experiment_config(data_dir)
+  config.divergence.pairing = 'mean'
+  with pytest.raises(ValueError, match='config.divergence.pairing'):
+    divergence.run(config, str(tmp_path))

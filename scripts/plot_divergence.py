@@ -1,0 +1,61 @@
+"""Overlays several divergence.json runs in one Figure-2-style plot with a legend.
+
+Example (ResNet-101 vs IBN-Net101-a vs IBN-Net101-s):
+  python scripts/plot_divergence.py workdirs/r101 workdirs/ibn101_a workdirs/ibn101_s \
+      --labels=ResNet-101,IBN-Net101-a,IBN-Net101-s --out=divergence_r101.png
+Each argument is a divergence.json file or a workdir holding one.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+from agrivision_jax import divergence
+
+
+def load_run(path: str) -> dict:
+  """Reads divergence.json from ``path`` (the file, or a workdir containing it)."""
+  if os.path.isdir(path):
+    path = os.path.join(path, 'divergence.json')
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path}: no such divergence.json (run --mode=divergence first)')
+  with open(path) as f:
+    run = json.load(f)
+  if 'layers' not in run or 'settings' not in run:
+    raise ValueError(f'{path}: not a divergence.json (needs "layers" and "settings")')
+  return run
+
+
+def default_label(run: dict, path: str) -> str:
+  """'<arch> ibn=<mode> (<workdir name>)' from a run's settings."""
+  settings = run['settings']
+  name = os.path.basename(os.path.normpath(os.path.dirname(path) if path.endswith('.json')
+                                           else path))
+  return f"{settings['arch']} ibn={settings['ibn_mode']} ({name})"
+
+
+def main(argv: list[str]) -> None:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('runs', nargs='+', help='divergence.json files or workdirs')
+  parser.add_argument('--labels', default='', help='comma-separated legend labels, one per run')
+  parser.add_argument('--out', required=True, help='output PNG path')
+  parser.add_argument('--title', default='RGB vs NIR feature divergence')
+  args = parser.parse_args(argv)
+  runs = [load_run(path) for path in args.runs]
+  labels = args.labels.split(',') if args.labels else [
+      default_label(run, path) for run, path in zip(runs, args.runs)]
+  if len(labels) != len(runs):
+    raise ValueError(f'--labels has {len(labels)} labels for {len(runs)} runs')
+  divergence.plot_divergence([(label, run['layers']) for label, run in zip(labels, runs)],
+                             args.out, title=args.title)
+  for label, run in zip(labels, runs):
+    values = [layer['divergence'] for layer in run['layers']]
+    print(f'{label}: {len(values)} layers, mean divergence {sum(values) / len(values):.4f}, '
+          f'last layer {values[-1]:.4f}')
+  print(f'wrote {args.out}')
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])
