@@ -133,7 +133,8 @@ def test_resume_through_orbax_with_worker_processes(data_dir, tmp_path):
   iterator.close()
   resumed = data.create_train_iterator(config, seed=5, process_index=0, process_count=1)
   with ocp.CheckpointManager(tmp_path / 'ckpt', item_names=('data_iter',)) as manager:
-    manager.restore(2, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(resumed)))
+    manager.restore(
+        2, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(resumed)))
   for batch in expected:
     assert_batches_equal(next(resumed), batch)
   resumed.close()

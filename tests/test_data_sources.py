@@ -133,6 +133,12 @@ def missing_nir(root, tile_id):
   return path
 
 
+def missing_rgb(root, tile_id):
+  path = root / 'train' / 'images' / 'rgb' / f'{tile_id}.jpg'
+  path.unlink()
+  return path
+
+
 def truncated_jpeg(root, tile_id):
   path = root / 'train' / 'images' / 'rgb' / f'{tile_id}.jpg'
   content = path.read_bytes()
@@ -155,6 +161,7 @@ def non_binary_label(root, tile_id):
 
 
 DAMAGES = {'missing_nir': (missing_nir, FileNotFoundError),
+           'missing_rgb': (missing_rgb, FileNotFoundError),
            'truncated_jpeg': (truncated_jpeg, ValueError),
            'wrong_size': (wrong_size, ValueError),
            'non_binary_label': (non_binary_label, ValueError)}
@@ -167,7 +174,7 @@ def test_bad_tile_raises_naming_the_file(work_dir, damage):
   path = damage_fn(work_dir, tile_id)
   with pytest.raises(error, match=re.escape(str(path))):
     source = data.create_source(data_config(work_dir), 'train')
-    source[source.ids.index(tile_id)]
+    source[source.ids.index(tile_id)]  # content is checked when the tile is read
 
 
 def test_bad_tile_error_reaches_the_eval_iterator(work_dir):
@@ -181,13 +188,13 @@ def test_bad_tile_error_reaches_the_eval_iterator(work_dir):
 def test_skip_drops_exactly_the_bad_tiles_and_reports_them(work_dir, tmp_path, caplog):
   all_ids = ids_of(work_dir)
   bad = {all_ids[i]: fn(work_dir, all_ids[i])
-         for i, (fn, _) in zip((1, 3, 4, 7), DAMAGES.values())}
+         for i, (fn, _) in zip((1, 3, 4, 6, 7), DAMAGES.values())}
   with caplog.at_level(logging.WARNING):
     source = data.create_source(data_config(work_dir, on_bad_example='skip'), 'train')
   assert source.ids == [i for i in all_ids if i not in bad]
   assert {b.id: b.path for b in source.skipped} == {k: str(v) for k, v in bad.items()}
   log = caplog.text
-  assert 'skipped 4 bad tiles' in log
+  assert f'skipped {len(DAMAGES)} bad tiles' in log
   assert all(str(path) in log for path in bad.values())
   for i in range(len(source)):  # the remaining tiles all read
     assert source[i]['id'] == source.ids[i]
@@ -214,7 +221,7 @@ def test_missing_label_folder_names_the_folder(work_dir, policy):
 
 def test_empty_split_names_the_folder(work_dir):
   folder = work_dir / 'val' / 'images' / 'rgb'
-  for path in folder.iterdir():
+  for path in (work_dir / 'val').rglob('*.*'):
     path.unlink()
   with pytest.raises(ValueError, match=re.escape(str(folder))):
     data.create_source(data_config(work_dir), 'val')

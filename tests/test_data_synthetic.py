@@ -1,4 +1,4 @@
-"""Synthetic Agriculture-Vision: exact layout and formats, determinism, learnable classes, atomicity."""
+"""Synthetic Agriculture-Vision: exact layout and formats, determinism, learnability, atomicity."""
 
 import concurrent.futures
 import filecmp
@@ -51,7 +51,8 @@ def test_layout_and_file_formats(tmp_path, version):
     nir = Image.open(root / split / 'images' / 'nir' / f'{tile_id}.jpg')
     assert (rgb.format, rgb.mode, rgb.size) == ('JPEG', 'RGB', (SIZE, SIZE))
     assert (nir.format, nir.mode, nir.size) == ('JPEG', 'L', (SIZE, SIZE))
-    pngs = [root / split / 'boundaries' / f'{tile_id}.png', root / split / 'masks' / f'{tile_id}.png']
+    pngs = [root / split / 'boundaries' / f'{tile_id}.png',
+            root / split / 'masks' / f'{tile_id}.png']
     if split != 'test':
       pngs += [root / split / 'labels' / c / f'{tile_id}.png' for c in names[1:]]
     for path in pngs:

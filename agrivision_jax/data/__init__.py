@@ -1,4 +1,4 @@
-"""Agriculture-Vision data: layout, sources (directory, TFDS), grain pipelines, synthetic dataset."""
+"""Agriculture-Vision data: layout, sources (directory, TFDS), grain pipelines, synthetic data."""
 from agrivision_jax.data.layout import BadFileError
 from agrivision_jax.data.layout import class_names
 from agrivision_jax.data.pipeline import create_eval_iterator

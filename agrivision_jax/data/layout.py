@@ -113,17 +113,18 @@ def list_tiles(root: str, split: str, version: str, on_bad_example: str = 'error
   split_dir = os.path.join(root, split)
   if not os.path.isdir(split_dir):
     raise FileNotFoundError(f'split folder {split_dir} does not exist (data.data_dir={root!r})')
-  rgb_dir = os.path.join(split_dir, 'images', 'rgb')
-  ids = sorted(_listdir_stems(rgb_dir, '.jpg'))
-  if not ids:
-    raise ValueError(f'split {split!r} is empty: {rgb_dir} holds no .jpg tile')
-  folders = {'nir': (os.path.join(split_dir, 'images', 'nir'), '.jpg'),
+  folders = {'rgb': (os.path.join(split_dir, 'images', 'rgb'), '.jpg'),
+             'nir': (os.path.join(split_dir, 'images', 'nir'), '.jpg'),
              'boundary': (os.path.join(split_dir, 'boundaries'), '.png'),
              'mask': (os.path.join(split_dir, 'masks'), '.png')}
   if split in LABELED_SPLITS:
     for name in names[1:]:
       folders[name] = (os.path.join(split_dir, 'labels', name), '.png')
   present = {key: _listdir_stems(folder, suffix) for key, (folder, suffix) in folders.items()}
+  # A tile is any id with at least one file, so a tile missing its RGB image is reported too.
+  ids = sorted(set().union(*present.values()))
+  if not ids:
+    raise ValueError(f'split {split!r} is empty: {folders["rgb"][0]} holds no .jpg tile')
 
   def path(key: str, tile_id: str) -> str:
     folder, suffix = folders[key]
@@ -138,7 +139,7 @@ def list_tiles(root: str, split: str, version: str, on_bad_example: str = 'error
       bad.append(BadExample(tile_id, missing[0], 'file does not exist'))
       continue
     labels = tuple(path(name, tile_id) for name in names[1:]) if split in LABELED_SPLITS else ()
-    tiles.append(TileFiles(tile_id, os.path.join(rgb_dir, tile_id + '.jpg'), path('nir', tile_id),
+    tiles.append(TileFiles(tile_id, path('rgb', tile_id), path('nir', tile_id),
                            path('boundary', tile_id), path('mask', tile_id), labels))
   return tiles, bad
 
@@ -181,9 +182,9 @@ def _decode(data: bytes, where: str, mode: str, image_size: int) -> np.ndarray:
 def _decode_binary(data: bytes, where: str, image_size: int) -> np.ndarray:
   """Decodes a 0/255 PNG to a bool (H, W) array; any other value raises naming the file."""
   array = _decode(data, where, 'L', image_size)
-  values = np.unique(array)
-  other = values[(values != 0) & (values != 255)]
-  if other.size:
+  if np.any((array != 0) & (array != 255)):
+    values = np.unique(array)
+    other = values[(values != 0) & (values != 255)]
     raise BadFileError(where, f'binary PNG holds values {other[:8].tolist()} other than 0/255')
   return array == 255
 
@@ -208,14 +209,16 @@ def decode_tile(tile_id: str, blobs: Mapping[str, bytes | Sequence[bytes]],
   nir = _decode(blobs['nir'], where['nir'], 'L', image_size)
   valid = (_decode_binary(blobs['boundary'], where['boundary'], image_size)
            & _decode_binary(blobs['mask'], where['mask'], image_size))
-  labels = np.zeros((image_size, image_size, len(names)), np.uint8)
   if blobs['labels']:
     if len(blobs['labels']) != len(names) - 1:
       raise ValueError(f'tile {tile_id}: {len(blobs["labels"])} label images for '
                        f'{len(names) - 1} classes {tuple(names[1:])}')
-    for c, (data, label_where) in enumerate(zip(blobs['labels'], where['labels']), start=1):
-      labels[..., c] = _decode_binary(data, label_where, image_size)
-    labels[..., 0] = ~labels[..., 1:].any(axis=-1)
+    patterns = [_decode_binary(data, label_where, image_size)
+                for data, label_where in zip(blobs['labels'], where['labels'])]
+    background = ~np.logical_or.reduce(patterns)
+    labels = np.stack([background] + patterns, axis=-1).view(np.uint8)
+  else:
+    labels = np.zeros((image_size, image_size, len(names)), np.uint8)
   image = np.concatenate([rgb, nir[..., None]], axis=-1)
   return {'image': image, 'labels': labels, 'valid': valid, 'id': tile_id}
 

@@ -1,4 +1,4 @@
-"""grain input pipelines: sharded, shuffled, repeated, augmented, normalised, batched, checkpointable.
+"""grain input pipelines: sharded, shuffled, repeated, augmented, normalised, checkpointable.
 
 Train: source -> global shuffle (reseeded every epoch) -> repeat -> augment + normalise (one
 random generator per position of the global stream) -> this process's positions
@@ -58,7 +58,16 @@ def normalize(image: np.ndarray, modality: str) -> np.ndarray:
   return (scaled - _MEAN[channels]) / _STD[channels]
 
 
-def _batch_element(example: dict[str, Any], modality: str) -> dict[str, np.ndarray]:
+def batch_element(example: dict[str, Any], modality: str) -> dict[str, np.ndarray]:
+  """Normalises an example for the model.
+
+  Args:
+    example: {'image': uint8 (H, W, 4), 'labels': uint8 (H, W, C), 'valid': bool (H, W)}.
+    modality: 'nrgb', 'rgb' or 'nir'.
+  Returns:
+    {'image': float32 (H, W, Cin), 'labels': float32 (H, W, C) zeroed where not valid,
+     'valid': bool (H, W)}.
+  """
   valid = example['valid']
   return {'image': normalize(example['image'], modality),
           'labels': (example['labels'] * valid[..., None]).astype(np.float32),
@@ -74,7 +83,7 @@ class _TrainTransform(grain.transforms.RandomMap):
 
   def random_map(self, element: dict[str, Any], rng: np.random.Generator
                  ) -> dict[str, np.ndarray]:
-    return _batch_element(augment.augment(element, self._augment_config, rng), self._modality)
+    return batch_element(augment.augment(element, self._augment_config, rng), self._modality)
 
 
 class _EvalElement(grain.transforms.Map):
@@ -96,7 +105,7 @@ class _EvalElement(grain.transforms.Map):
       example = {'image': np.zeros((size, size, 4), np.uint8),
                  'labels': np.zeros((size, size, self._num_classes), np.uint8),
                  'valid': np.zeros((size, size), bool), 'id': ''}
-    return {**_batch_element(example, self._modality), 'id': example['id']}
+    return {**batch_element(example, self._modality), 'id': example['id']}
 
 
 def _local_batch_size(global_batch_size: int, field: str, process_count: int) -> int:
@@ -116,7 +125,7 @@ def _prefetch(dataset: grain.MapDataset, batch_size: int, num_workers: int,
   if num_workers < 0:
     raise ValueError(f'data.num_workers={num_workers} must be >= 0')
   iter_dataset = dataset.to_iter_dataset(
-      grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=2 * batch_size))
+      grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=batch_size))
   iter_dataset = iter_dataset.batch(batch_size, drop_remainder=drop_remainder)
   if num_workers:
     iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))

@@ -1,4 +1,4 @@
-"""Random-access sources of Agriculture-Vision examples: the raw download folder and TFDS ArrayRecord.
+"""Random-access sources of Agriculture-Vision examples: the download folder and TFDS ArrayRecord.
 
 An example is {'image': uint8 (H, W, 4) R,G,B,NIR; 'labels': uint8 (H, W, C) 0/1 multi-hot with
 background; 'valid': bool (H, W); 'id': str}. Both sources decode with layout.decode_tile, so
@@ -15,7 +15,8 @@ import ml_collections
 from agrivision_jax.data import layout
 
 SOURCES = ('synthetic', 'directory', 'tfds')
-PREPARE_COMMAND = 'python -m agrivision_jax.data.prepare --manual_dir=ROOT --data_dir={} --version={}'
+PREPARE_COMMAND = ('python -m agrivision_jax.data.prepare --manual_dir=ROOT --data_dir={} '
+                   '--version={}')
 
 
 class DirectorySource:

@@ -14,7 +14,8 @@ of classes are painted with an easy-to-separate colour / NIR / texture signature
   nutrient_deficiency   blob of pale yellow-green, middle-high NIR
 
 Patterns overlap where cloud shadow or weeds lie over another pattern (labels are multi-hot);
-the other patterns are opaque and do not overlap, so every labelled pattern is visible. Invalid regions: part of the tile outside the field
+the other patterns are opaque and do not overlap, so every labelled pattern is visible.
+Invalid regions: part of the tile outside the field
 boundary (gravel) and no-data rectangles (black pixels, mask 0). Labels are set only on valid
 pixels, as in the real annotations.
 
@@ -215,7 +216,8 @@ def generate(out_dir: str, num_train: int, num_val: int, num_test: int, size: in
   if size < 16:
     raise ValueError(f'data.synthetic.size={size} must be at least 16')
   counts = {'train': num_train, 'val': num_val, 'test': num_test}
-  fields = _field_ids(np.random.default_rng([seed, 0]), sum(math.ceil(n / 4) for n in counts.values()))
+  num_fields = sum(math.ceil(n / 4) for n in counts.values())
+  fields = _field_ids(np.random.default_rng([seed, 0]), num_fields)
   field_index = 0
   for split_index, (split, count) in enumerate(counts.items()):
     split_dir = os.path.join(out_dir, split)

@@ -30,7 +30,7 @@ _BYTES = tfds.features.Tensor(shape=(), dtype=np.object_)
 
 
 class _Progress:
-  """Prints 'label: done/total tiles, tiles/s, ETA' to stderr every `every_s` seconds and at the end."""
+  """Prints 'label: done/total tiles, tiles/s, ETA' to stderr every `every_s` s and at the end."""
 
   def __init__(self, label: str, total: int, every_s: float = 5.0):
     self._label, self._total, self._every_s = label, total, every_s
