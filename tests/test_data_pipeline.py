@@ -138,6 +138,13 @@ def test_resume_through_orbax_with_worker_processes(data_dir, tmp_path):
   for batch in expected:
     assert_batches_equal(next(resumed), batch)
   resumed.close()
+  # Workers make whole batches: the stream does not depend on num_workers.
+  in_process = data.create_train_iterator(data_config(data_dir), seed=5, process_index=0,
+                                          process_count=1)
+  for _ in range(2):
+    next(in_process)
+  for batch in expected:
+    assert_batches_equal(next(in_process), batch)
 
 
 def test_eval_covers_every_example_once_and_pads_the_last_batch(data_dir):
@@ -149,6 +156,8 @@ def test_eval_covers_every_example_once_and_pads_the_last_batch(data_dir):
   for process in range(count):
     batches = list(data.create_eval_iterator(config, 'val', process, count))
     assert len(batches) == math.ceil(math.ceil(len(source) / count) / batch_size)
+    local_ids = [i for batch in batches for i in batch['id']]
+    assert local_ids == sorted(local_ids, key=lambda i: i == '')  # padding only at the end
     for batch in batches:
       assert batch['image'].shape == (batch_size, SIZE, SIZE, 4)
       for j, tile_id in enumerate(batch['id']):

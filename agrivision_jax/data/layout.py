@@ -62,9 +62,10 @@ class TileFiles:
   mask: str
   labels: tuple[str, ...]
 
-  def paths(self) -> tuple[str, ...]:
-    """All paths of the tile, images first."""
-    return (self.rgb, self.nir, self.boundary, self.mask) + self.labels
+  def where(self) -> dict[str, str | tuple[str, ...]]:
+    """The file names that decode_tile puts in its error messages."""
+    return {'rgb': self.rgb, 'nir': self.nir, 'boundary': self.boundary, 'mask': self.mask,
+            'labels': self.labels}
 
 
 class BadFileError(ValueError):
@@ -226,6 +227,4 @@ def decode_tile(tile_id: str, blobs: Mapping[str, bytes | Sequence[bytes]],
 def read_tile(files: TileFiles, names: Sequence[str], image_size: int
               ) -> dict[str, np.ndarray | str]:
   """Reads, decodes and validates one tile from its files (see decode_tile for the example)."""
-  where = {'rgb': files.rgb, 'nir': files.nir, 'boundary': files.boundary, 'mask': files.mask,
-           'labels': files.labels}
-  return decode_tile(files.id, read_bytes(files), names, image_size, where)
+  return decode_tile(files.id, read_bytes(files), names, image_size, files.where())

@@ -2,10 +2,11 @@
 
 Train: source -> global shuffle (reseeded every epoch) -> repeat -> augment + normalise (one
 random generator per position of the global stream) -> this process's positions
-(process_index::process_count) -> per-example prefetch threads -> batch -> worker processes.
-Every process shuffles with the same seed, so the processes together read each example exactly
-once per epoch. The iterator's get_state()/set_state() resume the identical stream (for the same
-process count, batch size and num_workers).
+(process_index::process_count) -> batch -> prefetch threads -> worker processes (each worker
+makes whole batches, so batches do not depend on num_workers). Every process shuffles with the
+same seed, so the processes together read each example exactly once per epoch. The iterator's
+get_state()/set_state() resume the identical stream (same seed, data, process count, batch size
+and num_workers).
 
 Eval: finite; process p takes examples p, p + P, ...; every process yields the same number of
 batches, the last one padded with all-invalid examples (valid False, labels 0, id '').
@@ -32,7 +33,7 @@ NIR_MEAN, NIR_STD = 0.485, 0.229
 MODALITIES = {'nrgb': (0, 1, 2, 3), 'rgb': (0, 1, 2), 'nir': (3, 3, 3)}
 _MEAN = np.array(RGB_MEAN + (NIR_MEAN,), np.float32)
 _STD = np.array(RGB_STD + (NIR_STD,), np.float32)
-# Example-level prefetch threads per process (or per worker); PIL and numpy release the GIL.
+# Batches made at once by threads of each process (or worker); PIL and numpy release the GIL.
 READ_THREADS = 2
 
 
@@ -120,13 +121,12 @@ def _check_process(process_index: int, process_count: int) -> None:
     raise ValueError(f'process_index={process_index} must lie in [0, {process_count})')
 
 
-def _prefetch(dataset: grain.MapDataset, batch_size: int, num_workers: int,
-              drop_remainder: bool) -> grain.IterDataset:
+def _prefetch(batches: grain.MapDataset, num_workers: int) -> grain.IterDataset:
+  """Threads (READ_THREADS batches at once per process or worker), then worker processes."""
   if num_workers < 0:
     raise ValueError(f'data.num_workers={num_workers} must be >= 0')
-  iter_dataset = dataset.to_iter_dataset(
-      grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=batch_size))
-  iter_dataset = iter_dataset.batch(batch_size, drop_remainder=drop_remainder)
+  iter_dataset = batches.to_iter_dataset(
+      grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=READ_THREADS))
   if num_workers:
     iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return iter_dataset
@@ -151,8 +151,8 @@ def create_train_iterator(data_config: ml_collections.ConfigDict, seed: int, pro
   source = sources.create_source(data_config, 'train')
   dataset = (grain.MapDataset.source(source).seed(seed).shuffle().repeat()
              .random_map(_TrainTransform(data_config.augment, data_config.modality)))
-  dataset = dataset[process_index::process_count]
-  return iter(_prefetch(dataset, batch_size, data_config.num_workers, drop_remainder=True))
+  batches = dataset[process_index::process_count].batch(batch_size, drop_remainder=True)
+  return iter(_prefetch(batches, data_config.num_workers))
 
 
 def create_eval_iterator(data_config: ml_collections.ConfigDict, split: str, process_index: int,
@@ -177,5 +177,5 @@ def create_eval_iterator(data_config: ml_collections.ConfigDict, split: str, pro
   count = math.ceil(per_process / batch_size) * batch_size
   element = _EvalElement(source, process_index, process_count, data_config.modality,
                          data_config.image_size, len(layout.class_names(data_config.version)))
-  dataset = grain.MapDataset.range(count).map(element)
-  return _prefetch(dataset, batch_size, data_config.num_workers, drop_remainder=False)
+  batches = grain.MapDataset.range(count).map(element).batch(batch_size)
+  return _prefetch(batches, data_config.num_workers)

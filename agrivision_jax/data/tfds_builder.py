@@ -108,10 +108,8 @@ class AgricultureVision(tfds.core.GeneratorBasedBuilder):
     def load(files: layout.TileFiles
              ) -> tuple[layout.TileFiles, dict | None, layout.BadExample | None]:
       blobs = layout.read_bytes(files)
-      where = {'rgb': files.rgb, 'nir': files.nir, 'boundary': files.boundary,
-               'mask': files.mask, 'labels': files.labels}
       try:
-        layout.decode_tile(files.id, blobs, names, self._image_size, where)
+        layout.decode_tile(files.id, blobs, names, self._image_size, files.where())
       except layout.BadFileError as err:
         if self._on_bad_example == 'error':
           raise
@@ -120,14 +118,16 @@ class AgricultureVision(tfds.core.GeneratorBasedBuilder):
 
     progress = _Progress(f'agriculture_vision/{version} {split}', len(tiles))
     written = 0
+    chunk = 8 * self._num_threads  # bounds the tile bytes held in memory
     with concurrent.futures.ThreadPoolExecutor(self._num_threads) as pool:
-      for done, (files, blobs, bad_example) in enumerate(pool.map(load, tiles), start=1):
-        progress.update(done)
-        if bad_example is not None:
-          bad.append(bad_example)
-          continue
-        written += 1
-        yield files.id, {'id': files.id, **blobs}
+      for start in range(0, len(tiles), chunk):
+        for files, blobs, bad_example in pool.map(load, tiles[start:start + chunk]):
+          if bad_example is not None:
+            bad.append(bad_example)
+          else:
+            written += 1
+            yield files.id, {'id': files.id, **blobs}
+        progress.update(min(start + chunk, len(tiles)))
     layout.report_skipped(bad, f'agriculture_vision/{version} {split}')
     if not written:
       raise ValueError(f'split {split!r} of {root}: every tile is bad, nothing to build')
