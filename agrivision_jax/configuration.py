@@ -105,6 +105,10 @@ def validate(config: ml_collections.ConfigDict, device_count: int = 1,
          f'({config.model.output_stride})')
   _check(isinstance(config.data.data_dir, str) and config.data.data_dir != '', 'data.data_dir',
          "must name the dataset folder (for source 'synthetic': where it is generated)")
+  if config.data.source == 'synthetic':
+    size = _get(config, 'data.synthetic.size')
+    _check(size == config.data.image_size, 'data.synthetic.size',
+           f'({size}) must equal config.data.image_size ({config.data.image_size})')
   for field in ('data.batch_size', 'data.eval_batch_size'):
     size = _get(config, field)
     _check(size % device_count == 0, field,

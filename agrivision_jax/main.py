@@ -10,6 +10,7 @@ val split), divergence and predict (their own modules, on the workdir's latest c
 """
 
 import importlib
+import logging as std_logging
 import os
 
 from absl import app
@@ -60,10 +61,16 @@ def run_mode(mode: str, config, workdir: str):
   raise ValueError(f'--mode must be one of {MODES}, got {mode!r}')
 
 
+def _drop_orbax_info(record) -> bool:
+  """Logging filter: orbax logs dozens of INFO lines per checkpoint; keep its warnings only."""
+  return record.levelno >= std_logging.WARNING or f'{os.sep}orbax{os.sep}' not in record.pathname
+
+
 def main(argv: list[str]) -> None:
   """Configures XLA and the compilation cache, then runs the mode on the config and workdir."""
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.get_absl_logger().addFilter(_drop_orbax_info)
   import jax  # pylint: disable=g-import-not-at-top (after the XLA flags are set)
   if _CACHE_DIR.value:
     jax.config.update('jax_compilation_cache_dir', _CACHE_DIR.value)

@@ -1,0 +1,76 @@
+"""Two processes on 127.0.0.1 (2 CPU devices each, gloo collectives) train like one with 4 devices."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from agrivision_jax import data
+from agrivision_jax import train
+from agrivision_jax import writers
+from test_train import flat
+from test_train import one_step
+from test_train import ROOT
+from test_train import tiny_config
+
+# Runs train_and_evaluate in one of two processes; the config arrives as JSON.
+WORKER = """
+import json, sys
+import jax
+jax.config.update('jax_num_cpu_devices', 2)
+jax.config.update('jax_default_matmul_precision', 'highest')
+from absl import flags
+flags.FLAGS.mark_as_parsed()
+import ml_collections
+from agrivision_jax import train
+config = ml_collections.ConfigDict(json.loads(sys.argv[1]))
+config.model.multi_grid = tuple(config.model.multi_grid)
+train.train_and_evaluate(config, sys.argv[2])
+assert jax.process_count() == 2 and jax.device_count() == 4, (jax.process_count(), jax.devices())
+"""
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process_with_four_devices(tmp_path):
+  config = tiny_config(str(tmp_path / 'av'))
+  config.num_train_steps = 1
+  config.checkpoint_every_steps = 1
+  config.distributed = True
+  data.ensure_synthetic(config.data.data_dir, **config.data.synthetic, version='2020')
+  workdir = str(tmp_path / 'run')
+  env = {**os.environ, 'JAX_COORDINATOR_ADDRESS': f'127.0.0.1:{free_port()}',
+         'JAX_NUM_PROCESSES': '2', 'PYTHONPATH': str(ROOT)}
+  workers = [
+      subprocess.Popen([sys.executable, '-c', WORKER, config.to_json(), workdir],
+                       env={**env, 'JAX_PROCESS_ID': str(i)}, cwd=str(ROOT),
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+      for i in range(2)]
+  outputs = []
+  for worker in workers:
+    try:
+      outputs.append(worker.communicate(timeout=400)[0])
+    finally:
+      worker.kill()
+  for worker, output in zip(workers, outputs):
+    assert worker.returncode == 0, output[-4000:]
+
+  # One process, 4 devices, the same global batch: process p read positions p, p + 2, ... of the
+  # shuffled stream, the single process reads them all; the loss is order-invariant.
+  batch = next(data.create_train_iterator(config.data, config.seed, 0, 1))
+  metrics, variables = one_step(config, jax.devices()[:4], batch)
+  record, = [r for r in writers.read_metrics(workdir) if r['split'] == 'train']
+  np.testing.assert_allclose(record['loss'], metrics['loss'], rtol=1e-5)
+  restored = flat(train.restore_variables(config, workdir))
+  for key, value in variables.items():
+    scale = max(float(np.abs(value).max()), 1e-3)
+    np.testing.assert_allclose(restored[key], value, rtol=0, atol=1e-4 * scale, err_msg=key)
+  assert json.loads((tmp_path / 'run' / 'config.json').read_text())['distributed'] is True

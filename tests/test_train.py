@@ -1,0 +1,165 @@
+"""Training loop on a tiny IBN-s model and tiny synthetic data: learning, resume, sharding, NaN stop.
+
+Every run here shares one model shape, so a per-module persistent compilation cache lets the
+later runs skip XLA compilation.
+"""
+
+import importlib.util
+import os
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from agrivision_jax import checkpointing
+from agrivision_jax import data
+from agrivision_jax import losses
+from agrivision_jax import models
+from agrivision_jax import optim
+from agrivision_jax import train
+from agrivision_jax import writers
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TIMING_FIELDS = ('steps_per_second', 'throughput')
+
+
+def load_default_configs():
+  spec = importlib.util.spec_from_file_location('test_train_default',
+                                                ROOT / 'configs' / 'default.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def tiny_config(data_dir: str):
+  """IBN-Net50-s DeepLabV3+ of width 8 on 32x32 synthetic tiles, global batch 8."""
+  config = load_default_configs().get_config('depth=50', ibn_mode='s', default_loss='hybrid')
+  config.model.update(dict(width=8, aspp_channels=16, decoder_channels=16, low_level_channels=8))
+  config.data.update(dict(source='synthetic', data_dir=data_dir, image_size=32, batch_size=8,
+                          eval_batch_size=8, num_workers=0))
+  config.data.synthetic.update(dict(num_train=24, num_val=6, num_test=1, size=32, seed=0))
+  config.optim.update(dict(learning_rate=0.05, warmup_steps=3, constant_steps=40,
+                           decay_steps=20))
+  config.update(dict(num_train_steps=6, log_every_steps=1, eval_every_steps=100,
+                     checkpoint_every_steps=3, max_checkpoints_to_keep=10))
+  return config
+
+
+@pytest.fixture(scope='module', autouse=True)
+def compilation_cache(tmp_path_factory):
+  from jax._src import compilation_cache as cc  # pylint: disable=g-import-not-at-top
+  jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.mktemp('jax_cache')))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  cc.reset_cache()
+  yield
+  jax.config.update('jax_compilation_cache_dir', None)
+  cc.reset_cache()
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp('synthetic') / 'av')
+
+
+def train_records(workdir, split='train'):
+  return [{k: v for k, v in r.items() if k not in TIMING_FIELDS}
+          for r in writers.read_metrics(workdir) if r['split'] == split]
+
+
+def flat(variables):
+  return {jax.tree_util.keystr(k): np.asarray(v)
+          for k, v in jax.tree_util.tree_leaves_with_path(jax.device_get(variables))}
+
+
+def test_loss_decreases_over_a_few_dozen_steps(data_dir, tmp_path):
+  config = tiny_config(data_dir)
+  config.num_train_steps = 36
+  config.log_every_steps = 12
+  config.checkpoint_every_steps = 36
+  result = train.train_and_evaluate(config, str(tmp_path))
+  records = train_records(str(tmp_path))
+  assert [r['step'] for r in records] == [12, 24, 36]
+  first, last = records[0]['loss'], records[-1]['loss']
+  assert np.isfinite(first) and last < 0.85 * first, (first, last)
+  assert set(result) >= {'loss', 'miou'} | {f'iou/{n}' for n in data.class_names('2020')}
+  val = train_records(str(tmp_path), 'val')
+  assert [r['step'] for r in val] == [36] and val[0]['miou'] == pytest.approx(result['miou'])
+  assert os.path.exists(tmp_path / 'config.json')
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(tmp_path))
+
+
+def test_resume_gives_identical_params_and_metrics(data_dir, tmp_path):
+  config = tiny_config(data_dir)
+  config.num_train_steps = 6
+  config.eval_every_steps = 3
+  straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
+  train.train_and_evaluate(config, straight)
+  config.num_train_steps = 3
+  train.train_and_evaluate(config, resumed)
+  config.num_train_steps = 6
+  train.train_and_evaluate(config, resumed)
+
+  for split in ('train', 'val'):
+    assert train_records(straight, split) == train_records(resumed, split)
+  assert [r['step'] for r in train_records(resumed)] == [1, 2, 3, 4, 5, 6]
+  a, b = flat(train.restore_variables(config, straight)), flat(train.restore_variables(config,
+                                                                                       resumed))
+  assert a.keys() == b.keys()
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def one_step(config, devices, batch):
+  model = models.create_model(config.model)
+  tx = optim.create_optimizer(config.optim)
+  mesh = train.create_mesh(devices)
+  state = train.create_train_state(config, model, tx, mesh)
+  step = train.make_train_step(model, losses.make_loss(config.loss), tx,
+                               optim.schedule(config.optim), mesh, config.seed)
+  state, metrics = step(state, train.shard_batch(batch, mesh))
+  return jax.device_get(metrics), flat({'params': state.params,
+                                        'batch_stats': state.batch_stats})
+
+
+def test_eight_devices_equal_one_device_after_a_step(data_dir):
+  config = tiny_config(data_dir)
+  batch = next(data.create_train_iterator(config.data, config.seed, 0, 1))
+  metrics_1, variables_1 = one_step(config, jax.devices()[:1], batch)
+  metrics_8, variables_8 = one_step(config, jax.devices()[:8], batch)
+  assert len(jax.devices()) == 8
+  np.testing.assert_allclose(metrics_8['loss'], metrics_1['loss'], rtol=1e-5)
+  for key, value in variables_1.items():
+    scale = max(float(np.abs(value).max()), 1e-3)
+    np.testing.assert_allclose(variables_8[key], value, rtol=0, atol=1e-4 * scale, err_msg=key)
+  # The step changed the parameters (so equal parameters are not equal initial values).
+  init = flat(models.init_variables(models.create_model(config.model),
+                                    jax.random.fold_in(jax.random.key(config.seed), 0),
+                                    (1, 32, 32, 4)))
+  assert not np.allclose(init["['params']['classifier']['kernel']"],
+                         variables_1["['params']['classifier']['kernel']"])
+
+
+def test_nan_loss_stops_and_last_checkpoint_restores(data_dir, tmp_path, monkeypatch):
+  config = tiny_config(data_dir)
+  config.checkpoint_every_steps = 2
+  config.log_every_steps = 100
+  calls = []
+  real_shard_batch = train.shard_batch
+
+  def shard_batch_with_nan_at_step_4(batch, mesh):
+    calls.append(1)
+    if len(calls) == 4:
+      batch = {**batch, 'image': np.full_like(batch['image'], np.nan)}
+    return real_shard_batch(batch, mesh)
+
+  monkeypatch.setattr(train, 'shard_batch', shard_batch_with_nan_at_step_4)
+  workdir = str(tmp_path)
+  with pytest.raises(train.NonFiniteLossError,
+                     match=r'training loss is nan at step 4; training stopped and the last good '
+                           r'checkpoint \(step 2\) in .*checkpoints is intact'):
+    train.train_and_evaluate(config, workdir)
+  manager = checkpointing.create_manager(workdir, read_only=True)
+  assert list(manager.all_steps()) == [2]
+  variables = flat(train.restore_variables(config, workdir))
+  assert all(np.isfinite(v).all() for v in variables.values())
