@@ -40,22 +40,23 @@ def confusion_matrix(logits: jax.Array, labels: jax.Array, valid: jax.Array) -> 
   if logits.ndim != 4 or labels.shape != logits.shape or valid.shape != logits.shape[:-1]:
     raise ValueError('expected logits (B, H, W, C), labels (B, H, W, C), valid (B, H, W); got '
                      f'{logits.shape}, {labels.shape}, {valid.shape}')
-  num_classes = logits.shape[-1]
-  num_pixels = valid.size
-  if num_pixels >= _INT32_LIMIT:
-    raise ValueError(f'{num_pixels} pixels in one batch could overflow int32 counts; '
+  batch, num_classes = logits.shape[0], logits.shape[-1]
+  if valid.size >= _INT32_LIMIT:
+    raise ValueError(f'{valid.size} pixels in one batch could overflow int32 counts; '
                      'split the batch')
   prediction = jnp.argmax(logits, axis=-1)
   targets = labels > 0.5
   targets = targets.at[..., 0].set(targets[..., 0] | ~jnp.any(targets, axis=-1))
   hit = jnp.take_along_axis(targets, prediction[..., None], axis=-1)[..., 0]
   # Row of each pixel: its prediction on a miss, the extra row C on a hit (diagonal), none if
-  # invalid; one int8 x int8 -> int32 product counts every (row, target) pair exactly.
+  # invalid; an int8 x int8 -> int32 product per image counts every (row, target) pair exactly
+  # (per image, so that a batch sharded over devices is never contracted across devices).
   row = jnp.where(valid, jnp.where(hit, num_classes, prediction), num_classes + 1)
   rows = (row[..., None] == jnp.arange(num_classes + 1)).astype(jnp.int8)
-  counts = jnp.einsum('nr,nc->rc', rows.reshape(num_pixels, num_classes + 1),
-                      targets.astype(jnp.int8).reshape(num_pixels, num_classes),
-                      preferred_element_type=jnp.int32)
+  per_image = jnp.einsum('bnr,bnc->brc', rows.reshape(batch, -1, num_classes + 1),
+                         targets.astype(jnp.int8).reshape(batch, -1, num_classes),
+                         preferred_element_type=jnp.int32)
+  counts = jnp.sum(per_image, axis=0)
   return counts[:num_classes] + jnp.diag(counts[num_classes])
 
 
@@ -132,7 +133,7 @@ class ConfusionMetric:
         np.stack([self.matrix, other.matrix]))
 
   def compute(self) -> dict[str, float]:
-    """{'miou': float, 'iou/<class name>': float} (NaN for a class absent from M's row and column)."""
+    """{'miou': float, 'iou/<class name>': float}; NaN for a class never predicted nor labelled."""
     per_class, miou = iou_from_confusion(self.matrix)
     result = {'miou': miou}
     result.update({f'iou/{name}': float(iou) for name, iou in zip(self.class_names, per_class)})
