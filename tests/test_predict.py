@@ -78,7 +78,8 @@ def save_checkpoint(config: ml_collections.ConfigDict, workdir: str, variables: 
 
 
 def official_miou(predictions: list[np.ndarray], examples: list[dict]) -> float:
-  """The challenge rule, pixel by pixel: x in Y -> M[y, y] += 1 for y in Y, else M[x, y] += 1."""
+  """The challenge rule, pixel by pixel: x in Y -> M[y, y] += 1 for y in Y, else M[x, y] += 1;
+  IoU_c = M[c, c] / (row sum + column sum - M[c, c]), averaged over the classes that occur."""
   num_classes = examples[0]['labels'].shape[-1]
   matrix = np.zeros((num_classes, num_classes), np.int64)
   for prediction, example in zip(predictions, examples):
@@ -88,7 +89,8 @@ def official_miou(predictions: list[np.ndarray], examples: list[dict]) -> float:
       for y in label_set:
         matrix[y if x in label_set else x, y] += 1
   diagonal = np.diag(matrix)
-  return float(np.mean(diagonal / (matrix.sum(0) + matrix.sum(1) - diagonal)))
+  union = matrix.sum(0) + matrix.sum(1) - diagonal
+  return float(np.mean(diagonal[union > 0] / union[union > 0]))   # classes never seen: no IoU
 
 
 @pytest.fixture(scope='module')
