@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import flax
 import jax
 import numpy as np
 import pytest
@@ -50,7 +51,7 @@ def _imagenet_state_dict(net) -> dict[str, torch.Tensor]:
 
 
 def _flat(tree) -> dict[str, np.ndarray]:
-  return {'/'.join(k): np.asarray(v) for k, v in convert._flatten(tree).items()}
+  return {k: np.asarray(v) for k, v in flax.traverse_util.flatten_dict(tree, sep='/').items()}
 
 
 def _assert_nothing_written(directory, before: set[str], output: str):
