@@ -16,6 +16,7 @@ parity criterion.
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import torch
 import torch.nn as nn
@@ -302,8 +303,8 @@ def numpy_state_dict(module: nn.Module) -> dict[str, np.ndarray]:
 
 
 def to_nchw(x: np.ndarray) -> torch.Tensor:
-  """(B,H,W,C) numpy -> (B,C,H,W) float32 torch tensor."""
-  return torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2)))).float()
+  """(B,H,W,C) numpy -> (B,C,H,W) torch tensor of the same float dtype."""
+  return torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2))))
 
 
 def to_nhwc(x: torch.Tensor) -> np.ndarray:
@@ -328,3 +329,60 @@ def assert_close(actual, expected, rel: float = 1e-4, what: str = '') -> None:
   scale = np.max(np.abs(expected))
   err = np.max(np.abs(actual - expected))
   assert err <= rel * scale, f'{what}: max abs err {err:.3g} > {rel} * scale {scale:.3g}'
+
+
+def ref_to_numpy(value) -> np.ndarray:
+  """A torch NCHW tensor -> NHWC numpy; a jax / numpy NHWC array -> numpy."""
+  if isinstance(value, torch.Tensor):
+    return to_nhwc(value) if value.dim() == 4 else value.detach().cpu().numpy()
+  return np.asarray(value)
+
+
+def check_parity(torch_module: nn.Module, flax_module, x_train: np.ndarray, x_eval: np.ndarray,
+                 outputs, float64: bool = False, train: bool = True) -> object:
+  """Parity of a train-mode forward (outputs and every updated running statistic, when
+  ``train``), then of an eval-mode forward with the (updated) statistics.
+
+  Weights are copied from ``torch_module`` with the project's converter. In float32 the
+  criterion is ``assert_close`` at 1e-4 of the output scale. With ``float64`` both sides run in
+  float64 (torch ``.double()``, flax ``dtype=float64`` under ``jax.enable_x64``) and must agree
+  to 1e-9: this checks the definitions exactly where float32 train-mode outputs of a deep net
+  are already at the float32 noise floor (torch float32 differs from torch float64 by 1e-4).
+
+  Args:
+    torch_module, flax_module: the reference and the flax module (``apply(v, x, train=...)``).
+    x_train, x_eval: NHWC float32 inputs.
+    outputs: maps a module output (torch or flax) to a list of arrays to compare.
+  Returns:
+    The flax eval-mode output.
+  """
+  variables = flax_variables(torch_module, flax_module, x_train, train=False)
+  template = jax.eval_shape(lambda: variables)
+  rel = 1e-9 if float64 else 1e-4
+  dtype = np.float64 if float64 else np.float32
+  with jax.enable_x64(float64):
+    if float64:
+      torch_module = torch_module.double()
+      flax_module = flax_module.clone(dtype=jnp.float64)
+      variables = jax.tree.map(lambda a: np.asarray(a, np.float64), variables)
+    for is_train, x in ((True, x_train), (False, x_eval))[0 if train else 1:]:
+      x = x.astype(dtype)
+      torch_module.train(is_train)
+      if is_train:
+        y, updates = flax_module.apply(variables, x, train=True, mutable=['batch_stats'])
+        variables = {**variables, **updates}
+      else:
+        y = flax_module.apply(variables, x, train=False)
+      expected = torch_module(to_nchw(x).to(torch.float64 if float64 else torch.float32))
+      mode = 'train' if is_train else 'eval'
+      for index, (actual, want) in enumerate(zip(outputs(y), outputs(expected), strict=True)):
+        assert_close(ref_to_numpy(actual), ref_to_numpy(want), rel, f'{mode} output {index}')
+      if is_train:
+        stats = state_dict_to_variables(numpy_state_dict(torch_module), template)['batch_stats']
+        flat_actual = dict(jax.tree_util.tree_leaves_with_path(variables['batch_stats']))
+        flat_expected = jax.tree_util.tree_leaves_with_path(stats)
+        assert len(flat_expected) == len(flat_actual) > 0
+        for path, value in flat_expected:
+          # The converter stores float32: compare float64 statistics to that precision.
+          assert_close(flat_actual[path], value, max(rel, 1e-6), jax.tree_util.keystr(path))
+  return y

@@ -84,7 +84,8 @@ class ASPP(nn.Module):
     branches = [ASPPModule(self.channels, 1, 1, self.dtype, name='aspp1')(x, train)]
     for index, rate in enumerate(aspp_rates(self.output_stride), start=2):
       branches.append(ASPPModule(self.channels, 3, rate, self.dtype, name=f'aspp{index}')(x, train))
-    pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(self.dtype)
+    pooled = jnp.mean(x.astype(jnp.promote_types(x.dtype, jnp.float32)), axis=(1, 2),
+                      keepdims=True).astype(self.dtype)
     pooled = _conv(self.channels, 1, 1, 'global_avg_pool_1', self.dtype)(pooled)
     pooled = nn.relu(norms.BatchNorm(dtype=self.dtype, name='global_avg_pool_2')(pooled, train))
     branches.append(resize_bilinear_align_corners(pooled, x.shape[1:3]))
@@ -129,7 +130,8 @@ class DeepLabV3Plus(nn.Module):
   """DeepLabV3+ on an (IBN) ResNet: submodules ``backbone``, ``aspp``, ``decoder``.
 
   Call as ``apply(variables, images, train=...)`` (train needs ``mutable=['batch_stats']`` and a
-  'dropout' rng). Params are float32; ``dtype`` is the compute dtype; logits are float32.
+  'dropout' rng). Params are float32; ``dtype`` is the compute dtype (float32 or bfloat16; the
+  parity tests also run float64); logits are float32 (float64 for float64).
   """
   arch: str = 'resnet101'
   ibn_mode: str = 'none'
@@ -167,4 +169,5 @@ class DeepLabV3Plus(nn.Module):
     x, low_level_features = self.backbone(images, train)
     x = self.aspp(x, train)
     x = self.decoder(x, low_level_features, train)
-    return resize_bilinear_align_corners(x.astype(jnp.float32), images.shape[1:3])
+    logits = x.astype(jnp.promote_types(self.dtype, jnp.float32))
+    return resize_bilinear_align_corners(logits, images.shape[1:3])

@@ -16,7 +16,7 @@ Array = jax.Array
 
 @functools.lru_cache(maxsize=None)
 def interpolation_matrix(out_size: int, in_size: int) -> np.ndarray:
-  """(out_size, in_size) float32 matrix of align_corners=True linear interpolation weights.
+  """(out_size, in_size) float64 matrix of align_corners=True linear interpolation weights.
 
   Each row has at most two non-zero weights that sum to 1.
   """
@@ -33,7 +33,7 @@ def interpolation_matrix(out_size: int, in_size: int) -> np.ndarray:
   rows = np.arange(out_size)
   np.add.at(matrix, (rows, lower), 1.0 - frac)
   np.add.at(matrix, (rows, upper), frac)
-  return matrix.astype(np.float32)
+  return matrix
 
 
 def resize_bilinear_align_corners(x: Array, size: tuple[int, int]) -> Array:
