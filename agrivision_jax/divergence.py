@@ -103,29 +103,31 @@ class ChannelStats:
 
 
 def layer_divergence(stats_a: ChannelStats, stats_b: ChannelStats,
-                     var_eps: float) -> tuple[float | None, int]:
+                     var_floor: float) -> tuple[float | None, int]:
   """Mean over channels of the symmetric KL between the A and B fits of one layer.
 
-  A channel whose variance is at most ``var_eps`` under A or B (e.g. a ReLU output that is 0 on
-  every image of one modality) has no finite KL (a point mass against a Gaussian); it is left out
-  of the mean and counted instead, so one dead channel cannot swamp the layer with a number set by
-  an arbitrary variance floor.
+  A channel that is (nearly) constant over the images under one input, such as a ReLU output that
+  is 0 on every RGB image but not on the NIR ones, has a KL that grows without bound as its
+  variance goes to 0, so one such channel would swamp the layer's mean. Every variance therefore
+  gets a floor added: ``var_floor`` times the layer's mean variance (over channels and both
+  inputs). The floor scales with the layer, so the divergence stays invariant to rescaling a
+  layer's activations, as the KL itself is; identical fits still give exactly 0.
 
   Args:
     stats_a, stats_b: per-channel fits of the same layer under inputs A and B.
-    var_eps: variance at or below which a channel counts as degenerate.
+    var_floor: the floor relative to the layer's mean variance (0: the plain formula).
 
   Returns:
-    (divergence over the other channels, or None if every channel is degenerate;
-     number of degenerate channels).
+    (divergence, or None when every variance of the layer is 0; number of channels whose
+     variance under A or B is below the floor).
   """
   var_a, var_b = stats_a.variance(), stats_b.variance()
-  defined = (var_a > var_eps) & (var_b > var_eps)
-  degenerate = int(np.sum(~defined))
-  if not defined.any():
-    return None, degenerate
-  kl = symmetric_kl(stats_a.mean[defined], var_a[defined], stats_b.mean[defined], var_b[defined])
-  return float(np.mean(kl)), degenerate
+  floor = var_floor * float(np.mean(var_a + var_b)) / 2
+  below = int(np.sum((var_a < floor) | (var_b < floor)))
+  if not np.all((var_a + floor > 0) & (var_b + floor > 0)):
+    return None, below
+  kl = symmetric_kl(stats_a.mean, var_a + floor, stats_b.mean, var_b + floor)
+  return float(np.mean(kl)), below
 
 
 def area_matrix(out_size: int, in_size: int) -> np.ndarray:
@@ -319,14 +321,14 @@ def accumulate_statistics(model: nn.Module, variables: Mapping[str, Any],
 
 
 def summarize(stats_a: Mapping[str, ChannelStats], stats_b: Mapping[str, ChannelStats],
-              var_eps: float) -> list[dict[str, Any]]:
-  """Per-layer records [{'index', 'name', 'channels', 'divergence', 'degenerate_channels'}]
-  (``layer_divergence``; divergence None where every channel is degenerate)."""
+              var_floor: float) -> list[dict[str, Any]]:
+  """Per-layer records [{'index', 'name', 'channels', 'divergence', 'low_variance_channels'}]
+  (``layer_divergence``)."""
   layers = []
   for index, name in enumerate(stats_a):
-    value, degenerate = layer_divergence(stats_a[name], stats_b[name], var_eps)
+    value, below = layer_divergence(stats_a[name], stats_b[name], var_floor)
     layers.append({'index': index, 'name': name, 'channels': int(stats_a[name].mean.shape[0]),
-                   'divergence': value, 'degenerate_channels': degenerate})
+                   'divergence': value, 'low_variance_channels': below})
   return layers
 
 
@@ -334,7 +336,7 @@ def _divergence_config(config: ml_collections.ConfigDict) -> ml_collections.Conf
   """Returns config.divergence after checking its fields (ValueError naming the field)."""
   if 'divergence' not in config:
     raise ValueError('config.divergence is missing (fields: split, num_images, batch_size, '
-                     'valid_only, random_init, pairing, var_eps)')
+                     'valid_only, random_init, pairing, var_floor)')
   settings = config.divergence
   checks = {
       'split': lambda v: v in ('train', 'val', 'test'),
@@ -343,7 +345,7 @@ def _divergence_config(config: ml_collections.ConfigDict) -> ml_collections.Conf
       'valid_only': lambda v: isinstance(v, bool),
       'random_init': lambda v: isinstance(v, bool),
       'pairing': lambda v: v in PAIRINGS,
-      'var_eps': lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
+      'var_floor': lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
   }
   for field, check in checks.items():
     if field not in settings:
@@ -351,7 +353,7 @@ def _divergence_config(config: ml_collections.ConfigDict) -> ml_collections.Conf
     if not check(settings[field]):
       raise ValueError(f'config.divergence.{field} has a bad value: {settings[field]!r} '
                        f"(split: train|val|test; pairing: {'|'.join(PAIRINGS)}; num_images >= 0;"
-                       ' batch_size > 0; var_eps >= 0; valid_only, random_init: bool)')
+                       ' batch_size > 0; var_floor >= 0; valid_only, random_init: bool)')
   return settings
 
 
@@ -402,14 +404,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       model, variables, batches, mesh, pairing=settings.pairing, valid_only=settings.valid_only,
       num_images=settings.num_images, progress=progress.update)
   progress.finish()
-  layers = summarize(stats_a, stats_b, settings.var_eps)
+  layers = summarize(stats_a, stats_b, settings.var_floor)
   input_a, input_b = PAIRING_CHANNELS[(config.model.in_channels, settings.pairing)]
   result = {
       'settings': {
           'split': settings.split, 'num_images': next(iter(stats_a.values())).count,
           'num_images_requested': settings.num_images, 'valid_only': settings.valid_only,
           'random_init': settings.random_init, 'pairing': settings.pairing,
-          'input_a': input_a, 'input_b': input_b, 'var_eps': settings.var_eps,
+          'input_a': input_a, 'input_b': input_b, 'var_floor': settings.var_floor,
           'variance': 'unbiased (ddof=1)', 'arch': config.model.arch,
           'ibn_mode': config.model.ibn_mode, 'in_channels': config.model.in_channels,
           'width': config.model.width, 'image_size': config.data.image_size,

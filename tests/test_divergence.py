@@ -74,22 +74,28 @@ def test_variance_needs_two_images():
     divergence.ChannelStats.from_samples(np.ones((1, 3))).variance()
 
 
-def test_layer_divergence_averages_the_channels_with_a_finite_kl():
+def test_layer_divergence_floors_variances_relative_to_the_layer():
   rng = np.random.default_rng(3)
   a = rng.normal(size=(20, 5))
   b = rng.normal(1.0, 2.0, size=(20, 5))
   a[:, 3] = b[:, 3] = 0.0   # a ReLU channel dead under both inputs
-  b[:, 4] = 0.0             # ... and one dead under B only: KL(point mass || Gaussian) is infinite
-  value, degenerate = divergence.layer_divergence(divergence.ChannelStats.from_samples(a),
-                                                  divergence.ChannelStats.from_samples(b), 1e-6)
+  b[:, 4] = 0.0             # ... and one dead under B only: its plain KL is infinite
+  stats_a, stats_b = (divergence.ChannelStats.from_samples(x) for x in (a, b))
+  value, below = divergence.layer_divergence(stats_a, stats_b, 0.01)
   var_a, var_b = a.var(axis=0, ddof=1), b.var(axis=0, ddof=1)
-  expected = [_kl_by_integration(a[:, c].mean(), var_a[c], b[:, c].mean(), var_b[c])
-              + _kl_by_integration(b[:, c].mean(), var_b[c], a[:, c].mean(), var_a[c])
-              for c in range(3)]
+  floor = 0.01 * np.mean(np.concatenate([var_a, var_b]))
+  expected = [_kl_by_integration(a[:, c].mean(), var_a[c] + floor, b[:, c].mean(), var_b[c] + floor)
+              + _kl_by_integration(b[:, c].mean(), var_b[c] + floor, a[:, c].mean(), var_a[c] + floor)
+              for c in range(5)]
   np.testing.assert_allclose(value, np.mean(expected), rtol=1e-6)
-  assert degenerate == 2
-  dead = divergence.ChannelStats.from_samples(np.zeros((4, 2)))
-  assert divergence.layer_divergence(dead, dead, 1e-6) == (None, 2)
+  assert below == 2
+  # Like the KL itself, the result does not change when the layer's activations are rescaled.
+  scaled = divergence.layer_divergence(divergence.ChannelStats.from_samples(1e3 * a),
+                                       divergence.ChannelStats.from_samples(1e3 * b), 0.01)
+  np.testing.assert_allclose(scaled[0], value, rtol=1e-9)
+  # Without a floor the formula is undefined for the dead channels; identical fits give 0.
+  assert divergence.layer_divergence(stats_a, stats_b, 0.0) == (None, 0)
+  assert divergence.layer_divergence(stats_a, stats_a, 0.01)[0] == 0.0
 
 
 def tiny_model_config(arch: str = 'resnet50', in_channels: int = 4, ibn_mode: str = 's') -> dict:
@@ -118,7 +124,7 @@ def tiny_experiment_config(data_dir: str) -> ml_collections.ConfigDict:
   config.data.synthetic.update(dict(num_train=8, num_val=6, num_test=3, size=32, seed=0))
   config.divergence = ml_collections.ConfigDict(dict(
       split='val', num_images=0, batch_size=8, valid_only=False, random_init=False,
-      pairing='replicate', var_eps=1e-6))
+      pairing='replicate', var_floor=0.01))
   config.predict = ml_collections.ConfigDict(dict(split='val', tta='none', num_overlays=4,
                                                   batch_size=8))
   return config
@@ -238,12 +244,12 @@ def test_identical_inputs_give_zero_divergence_at_every_layer(tiny_r50):
   images, valid, ids = _split_images(seed=7)
   stats = divergence.accumulate_statistics(model, variables, _batches(images, valid, ids, 4), mesh,
                                            pairing='replicate', valid_only=True)
-  different = divergence.summarize(*stats, var_eps=1e-6)
+  different = divergence.summarize(*stats, var_floor=0.01)
   assert all(layer['divergence'] > 1e-3 for layer in different)
   images[..., :3] = images[..., 3:]   # RGB := NIR, so A = (R,G,B,R) equals B = (N,N,N,N)
   stats = divergence.accumulate_statistics(model, variables, _batches(images, valid, ids, 4), mesh,
                                            pairing='replicate', valid_only=True)
-  layers = divergence.summarize(*stats, var_eps=1e-6)
+  layers = divergence.summarize(*stats, var_floor=0.01)
   assert [layer['name'] for layer in layers] == models.backbone_layer_names('resnet50')
   np.testing.assert_allclose([layer['divergence'] for layer in layers], 0.0, atol=1e-9)
 
