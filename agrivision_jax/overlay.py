@@ -14,12 +14,14 @@ NOT_SCORED_COLOUR = (128, 128, 128)
 
 
 def class_colours(num_classes: int) -> np.ndarray:
-  """Returns (num_classes, 3) uint8 colours: black for background (class 0), then tab10/tab20."""
-  palette = matplotlib.colormaps['tab10' if num_classes <= 11 else 'tab20'].colors
+  """Returns (num_classes, 3) uint8 colours: black for background (class 0), then the tab10
+  colours without its grey, which marks the pixels that are not scored."""
+  palette = [colour for index, colour in enumerate(matplotlib.colormaps['tab10'].colors)
+             if index != 7]
   if num_classes - 1 > len(palette):
     raise ValueError(f'config.model.num_classes={num_classes}: at most {len(palette) + 1} classes '
                      'can be coloured')
-  colours = [(0.0, 0.0, 0.0)] + [palette[c] for c in range(num_classes - 1)]
+  colours = [(0.0, 0.0, 0.0)] + palette[:num_classes - 1]
   return np.round(np.asarray(colours) * 255).astype(np.uint8)
 
 
@@ -67,7 +69,7 @@ def save_overlay(path: str, image: np.ndarray, prediction: np.ndarray, valid: np
     panels.append(('ground truth', colourise(label_index_map(labels), num_classes, valid)))
   panels.append(('prediction', colourise(prediction, num_classes, valid)))
   height, width = prediction.shape
-  figure = Figure(figsize=(3 * len(panels), 3 * height / width + 0.9), dpi=100)
+  figure = Figure(figsize=(3 * len(panels), 3 * height / width + 0.8), dpi=100)
   axes = figure.subplots(1, len(panels))
   for axis, (name, picture) in zip(axes, panels):
     axis.imshow(picture, interpolation='nearest')
@@ -82,6 +84,6 @@ def save_overlay(path: str, image: np.ndarray, prediction: np.ndarray, valid: np
                 frameon=False)
   if title:
     figure.suptitle(title, fontsize=10)
-  figure.subplots_adjust(left=0.01, right=0.99, top=0.85, bottom=0.2, wspace=0.04)
+  figure.subplots_adjust(left=0.01, right=0.99, top=0.88, bottom=0.15, wspace=0.04)
   os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
   figure.savefig(path)

@@ -172,8 +172,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """``--mode=predict``: submission PNGs, overlays and (labelled splits) mIoU of a workdir's model.
 
   Returns:
-    {'split', 'tta', 'num_tiles', 'tiles_per_second', 'output_dir'} plus, on a labelled split,
-    'miou' and 'iou/<class>' (official challenge rule) of the written predictions.
+    {'split', 'tta', 'modality', 'num_tiles' (of this process), 'tiles_per_second' (this
+    process, after the first batch), 'output_dir'} plus, on a labelled split, 'miou' and
+    'iou/<class>' (official challenge rule) of all processes' predictions.
 
   Raises:
     FileNotFoundError: the workdir has no checkpoint and config.init_from is empty.
@@ -206,10 +207,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       overlay_dir=os.path.join(predictions_dir, f'{split}_overlays'),
       num_overlays=settings.num_overlays if index == 0 else 0,
       overlay_image=lambda k: source[index + k * count], progress=progress.update)
-  elapsed = progress.finish()
   result = {'split': split, 'tta': settings.tta, 'modality': config.data.modality,
-            'tiles_per_second': result['num_tiles'] / max(elapsed, 1e-9), 'output_dir': out_dir,
-            **result}
+            'tiles_per_second': progress.finish(), 'output_dir': out_dir, **result}
   if labelled:
     line = (f"predict {split} tta={settings.tta}: mIoU {result['miou']:.4f} over "
             f"{result['num_tiles']} tiles  " + '  '.join(
