@@ -319,3 +319,40 @@ def test_bad_divergence_config_is_named(data_dir, tmp_path):
   config.divergence.pairing = 'mean'
   with pytest.raises(ValueError, match='config.divergence.pairing'):
     divergence.run(config, str(tmp_path))
+
+
+def _load_script(name: str):
+  path = pathlib.Path(__file__).resolve().parents[1] / 'scripts' / f'{name}.py'
+  spec = importlib.util.spec_from_file_location(f'analysis_tests_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_table1_decay_row_with_the_papers_rgb_numbers():
+  table_script = _load_script('cross_modality_table')
+  table = {'rgb': {'rgb': 0.4605, 'nir': 0.1829}, 'nir': {'rgb': 0.30, 'nir': 0.40}}
+  points, relative = table_script.decay(table, 'rgb')
+  np.testing.assert_allclose([points, relative], [27.76, 100 * 27.76 / 46.05])
+  np.testing.assert_allclose(table_script.decay(table, 'nir'), [10.0, 25.0])
+  lines = table_script.format_table(table, 'val').splitlines()
+  assert lines[2] == '| tested on RGB | 46.05 | 30.00 |'
+  assert lines[3] == '| tested on NIR | 18.29 | 40.00 |'
+  assert lines[4] == '| performance decay | 27.76 (60.3%) | 10.00 (25.0%) |'
+
+
+def test_plot_script_overlays_runs_with_a_legend(tmp_path):
+  plot_script = _load_script('plot_divergence')
+  layers = [{'index': i, 'name': name, 'divergence': 1.0 / (i + 1)}
+            for i, name in enumerate(models.backbone_layer_names('resnet50'))]
+  for run_name in ('r50', 'ibn50_s'):
+    (tmp_path / run_name).mkdir()
+    with open(tmp_path / run_name / 'divergence.json', 'w') as f:
+      json.dump({'settings': {'arch': 'resnet50', 'ibn_mode': 'none'}, 'layers': layers}, f)
+  out = tmp_path / 'both.png'
+  plot_script.main([str(tmp_path / 'r50'), str(tmp_path / 'ibn50_s' / 'divergence.json'),
+                    '--labels=ResNet-50,IBN-Net50-s', f'--out={out}'])
+  with Image.open(out) as image:
+    assert image.format == 'PNG'
+  with pytest.raises(FileNotFoundError, match='divergence.json'):
+    plot_script.main([str(tmp_path), f'--out={out}'])
