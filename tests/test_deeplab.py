@@ -52,29 +52,15 @@ def test_interpolation_matrix_rows():
 def test_deeplab_logits_parity(num_low_level_features, ibn_mode, output_stride):
   config = dict(TINY, num_low_level_features=num_low_level_features, ibn_mode=ibn_mode,
                 output_stride=output_stride)
-  # Dropout off in both so train-mode outputs and statistics are comparable.
+  x = _images(4, (2, 72, 88, 4))
+  # float32 eval mode with the default dropout rates (inactive in eval) ...
+  logits = ref.check_parity(_torch_deeplab(config), models.create_model(config), x, x,
+                            lambda y: [y], modes=('eval',))
+  assert logits.shape == (2, 72, 88, 7) and logits.dtype == jnp.float32
+  # ... and train mode (logits, every running statistic) exactly in float64, dropout off in both.
   torch_model = _torch_deeplab(config, aspp_dropout=0.0, decoder_dropouts=(0.0, 0.0))
   flax_model = models.create_model(config).clone(aspp_dropout=0.0, decoder_dropouts=(0.0, 0.0))
-  x = _images(4, (2, 72, 88, 4))
-  # float32 in eval mode; train mode (logits and every running statistic) exactly in float64.
-  logits = ref.check_parity(torch_model, flax_model, x, x, lambda y: [y], train=False)
-  ref.check_parity(torch_model, flax_model, x, _images(5, x.shape), lambda y: [y], float64=True)
-  assert logits.shape == (2, 72, 88, 7) and logits.dtype == jnp.float32
-
-
-def test_dropout_is_applied_in_train_mode_only():
-  model = models.create_model(TINY)
-  x = _images(6, (2, 40, 56, 4))
-  variables = ref.flax_variables(_torch_deeplab(TINY), model, x, train=False)
-
-  def train_logits(seed):
-    return model.apply(variables, x, train=True, mutable=['batch_stats'],
-                       rngs={'dropout': jax.random.key(seed)})[0]
-
-  first, again, other = train_logits(0), train_logits(0), train_logits(1)
-  np.testing.assert_array_equal(first, again)
-  assert np.abs(first - other).max() > 1e-3 * np.abs(first).max()
-  np.testing.assert_array_equal(model.apply(variables, x), model.apply(variables, x))
+  ref.check_parity(torch_model, flax_model, x, x, lambda y: [y], float64=True, modes=('train',))
 
 
 def test_capture_layer_outputs_match_reference_hooks():

@@ -49,8 +49,8 @@ def test_resnet50_parity(mode, output_stride, multi_grid, in_channels):
 
   x = _images(5, (2, 72, 88, in_channels))
   # float32 in eval mode; train mode (outputs and every running statistic) exactly in float64.
-  top, low = ref.check_parity(torch_net, flax_net, x, x, outputs, train=False)
-  ref.check_parity(torch_net, flax_net, x, _images(6, x.shape), outputs, float64=True)
+  top, low = ref.check_parity(torch_net, flax_net, x, x, outputs, modes=('eval',))
+  ref.check_parity(torch_net, flax_net, x, x, outputs, float64=True, modes=('train',))
   assert top.shape[1:3] == tuple(-(-s // output_stride) for s in (72, 88))
   assert [f.shape[-1] for f in low] == [32, 64, 128] and top.shape[-1] == 256
 

@@ -339,9 +339,10 @@ def ref_to_numpy(value) -> np.ndarray:
 
 
 def check_parity(torch_module: nn.Module, flax_module, x_train: np.ndarray, x_eval: np.ndarray,
-                 outputs, float64: bool = False, train: bool = True) -> object:
-  """Parity of a train-mode forward (outputs and every updated running statistic, when
-  ``train``), then of an eval-mode forward with the (updated) statistics.
+                 outputs, float64: bool = False, modes: tuple[str, ...] = ('train', 'eval')
+                 ) -> object:
+  """Parity of a train-mode forward (outputs and every updated running statistic), then of an
+  eval-mode forward with the updated statistics (each when in ``modes``).
 
   Weights are copied from ``torch_module`` with the project's converter. In float32 the
   criterion is ``assert_close`` at 1e-4 of the output scale. With ``float64`` both sides run in
@@ -354,7 +355,7 @@ def check_parity(torch_module: nn.Module, flax_module, x_train: np.ndarray, x_ev
     x_train, x_eval: NHWC float32 inputs.
     outputs: maps a module output (torch or flax) to a list of arrays to compare.
   Returns:
-    The flax eval-mode output.
+    The flax output of the last mode run.
   """
   variables = flax_variables(torch_module, flax_module, x_train, train=False)
   template = jax.eval_shape(lambda: variables)
@@ -365,7 +366,8 @@ def check_parity(torch_module: nn.Module, flax_module, x_train: np.ndarray, x_ev
       torch_module = torch_module.double()
       flax_module = flax_module.clone(dtype=jnp.float64)
       variables = jax.tree.map(lambda a: np.asarray(a, np.float64), variables)
-    for is_train, x in ((True, x_train), (False, x_eval))[0 if train else 1:]:
+    for is_train, x in [(mode == 'train', x_train if mode == 'train' else x_eval)
+                        for mode in modes]:
       x = x.astype(dtype)
       torch_module.train(is_train)
       if is_train:
