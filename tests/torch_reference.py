@@ -388,3 +388,49 @@ def check_parity(torch_module: nn.Module, flax_module, x_train: np.ndarray, x_ev
           # The converter stores float32: compare float64 statistics to that precision.
           assert_close(flat_actual[path], value, max(rel, 1e-6), jax.tree_util.keystr(path))
   return y
+
+
+def torch_hybrid_loss(logits, labels, valid, lambda_dice: float = 1.0,
+                      lambda_lovasz: float = 1.0):
+  """The paper's hybrid loss in PyTorch, invalid pixels excluded from every term (the project's
+  default): ``(BCE + l1 * Dice + l2 * Lovasz) / (1 + l1 + l2)``.
+
+  BCE is ``BCEWithLogitsLoss`` averaged over valid elements; Dice one global soft Dice over valid
+  pixels (eps 1e-7); Lovasz the binary Lovasz hinge (Berman et al.) per class over the whole
+  batch, mean over classes, computed for all classes at once with one sort along the pixel axis.
+  Invalid pixels are given error -inf and label 0, so they sort last with zero hinge and leave
+  the Jaccard prefix terms of the valid pixels unchanged.
+
+  Args:
+    logits: (B, C, H, W) float tensor (any memory format).
+    labels: (B, C, H, W) 0/1 float tensor.
+    valid: (B, H, W) bool tensor.
+  Returns:
+    scalar float32 tensor.
+  """
+  logits = logits.float()
+  mask = valid[:, None].expand_as(logits)
+  maskf = mask.float()
+  elements = F.binary_cross_entropy_with_logits(logits, labels, reduction='none')
+  total = (elements * maskf).sum() / maskf.sum().clamp(min=1.0)
+  if lambda_dice:
+    probabilities = torch.sigmoid(logits) * maskf
+    targets = labels * maskf
+    dice = 1.0 - 2.0 * (probabilities * targets).sum() / (
+        probabilities.sum() + targets.sum() + 1e-7)
+    total = total + lambda_dice * dice
+  if lambda_lovasz:
+    classes = logits.shape[1]
+    rows = lambda t: t.transpose(0, 1).reshape(classes, -1)
+    errors = 1.0 - rows(logits) * (2.0 * rows(labels) - 1.0)
+    errors = torch.where(rows(mask), errors, torch.full_like(errors, -math.inf))
+    errors_sorted, permutation = torch.sort(errors, dim=1, descending=True)
+    gt_sorted = torch.gather(rows(labels * maskf), 1, permutation)
+    positives = gt_sorted.sum(1, keepdim=True)
+    intersection = positives - gt_sorted.cumsum(1)
+    union = positives + (1.0 - gt_sorted).cumsum(1)
+    jaccard = 1.0 - intersection / union.clamp(min=1.0)
+    gradient = torch.cat([jaccard[:, :1], jaccard[:, 1:] - jaccard[:, :-1]], 1)
+    lovasz = (torch.relu(errors_sorted) * gradient).sum(1).mean()
+    total = total + lambda_lovasz * lovasz
+  return total / (1.0 + lambda_dice + lambda_lovasz)
