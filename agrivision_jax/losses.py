@@ -55,7 +55,7 @@ def bce(logits: jax.Array, labels: jax.Array, valid: jax.Array, *,
   total = jnp.sum(jnp.where(valid[..., None], elements, 0.0))
   if over_all_pixels:
     return total / elements.size
-  count = jnp.sum(valid, dtype=jnp.float32) * logits.shape[-1]
+  count = jnp.sum(valid, dtype=jnp.int32).astype(jnp.float32) * logits.shape[-1]
   return total / jnp.maximum(count, 1.0)
 
 

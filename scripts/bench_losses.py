@@ -34,15 +34,17 @@ _COMPARE_SORTS = flags.DEFINE_boolean('compare_sorts', False,
                                       'also time alternative sort formulations')
 
 
-def median_seconds(function: Callable, *args) -> float:
-  """Median wall seconds of ``function(*args)`` (jitted) over the repeats, after a compile run."""
+def median_seconds(function: Callable, *args) -> tuple[float, float]:
+  """Median (wall, process CPU) seconds of ``function(*args)`` over the repeats, after a compile
+  run. CPU seconds (all threads) are less sensitive to other jobs on a shared machine."""
   jax.block_until_ready(function(*args))
-  times = []
+  walls, cpus = [], []
   for _ in range(_REPEATS.value):
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     jax.block_until_ready(function(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+    walls.append(time.perf_counter() - wall)
+    cpus.append(time.process_time() - cpu)
+  return statistics.median(walls), statistics.median(cpus)
 
 
 def make_batch(shape: tuple[int, int, int, int]) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -75,47 +77,48 @@ def main(argv):
              'device': str(jax.devices()[0].device_kind), 'cpu_count': os.cpu_count(),
              'jax': jax.__version__, 'repeats': _REPEATS.value}
 
-  def report(name: str, seconds: float) -> None:
-    results[name] = round(seconds, 4)
-    print(f'{name:<40s} {seconds:9.3f} s', flush=True)
+  def report(name: str, seconds: tuple[float, float]) -> None:
+    results[f'{name}_s'], results[f'{name}_cpu_s'] = round(seconds[0], 4), round(seconds[1], 4)
+    print(f'{name:<36s} {seconds[0]:9.3f} s wall {seconds[1]:9.3f} s cpu', flush=True)
 
-  def loss_timer(loss: Callable, gradient: bool) -> float:
+  def loss_timer(loss: Callable, gradient: bool) -> tuple[float, float]:
     function = jax.value_and_grad(loss) if gradient else loss
     return median_seconds(jax.jit(lambda x: function(x, labels, valid)), logits)
 
   hybrid = lambda x, y, v: losses.hybrid(x, y, v, 1.0, 1.0)
   bce_dice = lambda x, y, v: losses.hybrid(x, y, v, 1.0, 0.0)
-  report('hybrid_value_and_grad_s', loss_timer(hybrid, True))
-  report('hybrid_value_s', loss_timer(hybrid, False))
-  report('lovasz_value_and_grad_s', loss_timer(losses.lovasz_hinge, True))
-  report('lovasz_value_s', loss_timer(losses.lovasz_hinge, False))
-  report('bce_dice_value_and_grad_s', loss_timer(bce_dice, True))
-  report('confusion_matrix_s', median_seconds(jax.jit(metrics.confusion_matrix),
+  report('hybrid_value_and_grad', loss_timer(hybrid, True))
+  report('hybrid_value', loss_timer(hybrid, False))
+  report('lovasz_value_and_grad', loss_timer(losses.lovasz_hinge, True))
+  report('lovasz_value', loss_timer(losses.lovasz_hinge, False))
+  report('bce_dice_value_and_grad', loss_timer(bce_dice, True))
+  report('confusion_matrix', median_seconds(jax.jit(metrics.confusion_matrix),
                                               logits, labels, valid))
 
   errors, positive, keys = jax.jit(sort_operands)(logits, labels, valid)
   iota = lax.broadcasted_iota(jnp.int32, keys.shape, 1)
   # The gradient path sorts (key, index) pairs; the value-only path sorts the keys alone.
-  report('sort_key_index_pairs_s', median_seconds(
+  report('sort_key_index_pairs', median_seconds(
       jax.jit(lambda k, i: lax.sort((k, i), num_keys=1, is_stable=False)), keys, iota))
-  report('sort_keys_only_s', median_seconds(
+  report('sort_keys_only', median_seconds(
       jax.jit(lambda k: lax.sort(k, is_stable=False)), keys))
-  results['sort_share_of_lovasz_value_and_grad'] = round(
-      results['sort_key_index_pairs_s'] / results['lovasz_value_and_grad_s'], 3)
-  results['sort_share_of_hybrid_value_and_grad'] = round(
-      results['sort_key_index_pairs_s'] / results['hybrid_value_and_grad_s'], 3)
-  results['sort_share_of_lovasz_value'] = round(
-      results['sort_keys_only_s'] / results['lovasz_value_s'], 3)
-  for name in ('sort_share_of_lovasz_value_and_grad', 'sort_share_of_hybrid_value_and_grad',
-               'sort_share_of_lovasz_value'):
-    print(f'{name:<40s} {results[name]:9.3f}')
+  shares = {'sort_share_of_lovasz_value_and_grad': ('sort_key_index_pairs',
+                                                     'lovasz_value_and_grad'),
+            'sort_share_of_hybrid_value_and_grad': ('sort_key_index_pairs',
+                                                    'hybrid_value_and_grad'),
+            'sort_share_of_lovasz_value': ('sort_keys_only', 'lovasz_value')}
+  for name, (part, whole) in shares.items():
+    for clock in ('', '_cpu'):
+      ratio = results[f'{part}{clock}_s'] / results[f'{whole}{clock}_s']
+      results[name + clock] = round(ratio, 3)
+    print(f'{name:<36s} {results[name]:9.3f}   wall {results[name + "_cpu"]:9.3f}   cpu')
 
   if _COMPARE_SORTS.value:
-    report('alt_sort_float_errors_s', median_seconds(
+    report('alt_sort_float_errors', median_seconds(
         jax.jit(lambda e: jnp.sort(-e, axis=-1)), errors))
-    report('alt_sort_float_error_label_pairs_s', median_seconds(
+    report('alt_sort_float_error_label_pairs', median_seconds(
         jax.jit(lambda e, y: lax.sort((-e, y), num_keys=1)), errors, positive))
-    report('alt_argsort_float_errors_s', median_seconds(
+    report('alt_argsort_float_errors', median_seconds(
         jax.jit(lambda e: jnp.argsort(-e, axis=-1)), errors))
   print(json.dumps(results))
 

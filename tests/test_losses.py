@@ -2,6 +2,7 @@
 definitions (BCEWithLogitsLoss, the Dice formula, Berman et al.'s Lovasz hinge), a brute-force
 Lovasz extension (maximum over all orderings, valid for the submodular Jaccard loss), finite
 differences and hand-built invariances."""
+import functools
 import itertools
 
 import jax
@@ -60,8 +61,15 @@ def _torch_lovasz(logits, labels, valid, per_image):
   return loss.item(), logits_t.grad.numpy()
 
 
+@functools.partial(jax.jit, static_argnames=('function', 'options'))
+def _jitted_value_and_grad(logits, labels, valid, function, options):
+  return jax.value_and_grad(function)(logits, labels, valid, **dict(options))
+
+
 def _jax_value_and_grad(function, logits, labels, valid, **kwargs):
-  value, grad = jax.jit(jax.value_and_grad(lambda x: function(x, labels, valid, **kwargs)))(logits)
+  """(value, d value / d logits) of ``function(logits, labels, valid, **kwargs)``, jitted."""
+  value, grad = _jitted_value_and_grad(logits, labels, valid, function=function,
+                                       options=tuple(sorted(kwargs.items())))
   return float(value), np.asarray(grad)
 
 
@@ -284,10 +292,10 @@ def _loss_config(**overrides):
 def test_make_loss_follows_the_config():
   logits, labels, valid = _random_inputs(13)
   loss = losses.make_loss(_loss_config(lambda_dice=0.5, lovasz_per_image=True))
-  expected = losses.hybrid(logits, labels, valid, 0.5, 1.0, lovasz_per_image=True,
-                           bce_over_all_pixels=True)
-  np.testing.assert_allclose(float(jax.jit(loss)(logits, labels, valid)), float(expected),
-                             rtol=1e-6)
+  expected = jax.jit(lambda x, y, v: losses.hybrid(x, y, v, 0.5, 1.0, lovasz_per_image=True,
+                                                   bce_over_all_pixels=True))
+  np.testing.assert_allclose(float(jax.jit(loss)(logits, labels, valid)),
+                             float(expected(logits, labels, valid)), rtol=1e-6)
 
 
 @pytest.mark.parametrize('field, value', [('lambda_dice', -1.0), ('lambda_lovasz', 'one'),
@@ -323,3 +331,18 @@ def test_shape_mismatches_are_rejected():
     losses.lovasz_hinge(logits, labels, valid[:, :2])
   with pytest.raises(ValueError, match='logits'):
     losses.dice(logits[0], labels[0], valid[0])
+
+
+def test_sharded_batch_gives_the_unsharded_loss_and_gradient():
+  """As in the train step: batch split over 8 devices of an Auto mesh, jit partitions the sort."""
+  logits, labels, valid = _random_inputs(16, shape=(8, 3, 5, 3))
+  mesh = jax.make_mesh((8,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+  data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  sharded = [jax.device_put(array, data) for array in (logits, labels, valid)]
+  for per_image in (False, True):
+    loss = lambda x, y, v: losses.hybrid(x, y, v, 1.0, 1.0, lovasz_per_image=per_image)
+    value_and_grad = jax.jit(jax.value_and_grad(loss))
+    value, grad = value_and_grad(*sharded)
+    expected_value, expected_grad = value_and_grad(logits, labels, valid)
+    np.testing.assert_allclose(float(value), float(expected_value), rtol=1e-6)
+    np.testing.assert_allclose(grad, expected_grad, rtol=1e-5, atol=1e-9)
