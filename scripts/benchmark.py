@@ -244,6 +244,7 @@ def main(argv: list[str]) -> None:
   results['jax_gflops_per_s'] = jax_side.flops / results['jax_step_s'] / 1e9
   if 'torch' in sides:
     results['ratio_jax_over_torch'] = results['jax_step_s'] / results['torch_step_s']
+    results['ratio_jax_over_torch_fastest'] = min(train_times['jax']) / min(train_times['torch'])
     losses_now['torch'] = sides['torch'].step()
     print(f'train step ratio JAX / PyTorch: {results["ratio_jax_over_torch"]:.3f}', flush=True)
   results['last_loss'] = losses_now
