@@ -114,6 +114,14 @@ def base_config() -> ml_collections.ConfigDict:
   # Multi-host: call jax.distributed.initialize() (auto-detected on TPU pods, SLURM, Open MPI,
   # Kubernetes; or set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID).
   config.distributed = False
+
+  # --mode=divergence (Figure 2); num_images=0 means the whole split.
+  config.divergence = ml_collections.ConfigDict(dict(
+      split='val', num_images=0, batch_size=8, valid_only=False, random_init=False,
+      pairing='replicate', var_floor=0.01))
+  # --mode=predict: submission PNGs, TTA ('none' | 'flips' | 'd4'), overlays.
+  config.predict = ml_collections.ConfigDict(dict(
+      split='val', tta='none', num_overlays=8, batch_size=8))
   return config
 
 
