@@ -135,6 +135,7 @@ def _lovasz_rows(errors: jax.Array, positive: jax.Array, valid: jax.Array) -> ja
 
 
 def _lovasz_rows_fwd(errors, positive, valid):
+  """Forward pass under differentiation: sorts (key, index) pairs to keep the permutation."""
   keys = _sort_keys(errors, positive, valid)
   order = lax.broadcasted_iota(jnp.int32, keys.shape, keys.ndim - 1)
   sorted_keys, order = lax.sort((keys, order), dimension=keys.ndim - 1, num_keys=1,
@@ -152,6 +153,8 @@ def _unsort(sorted_values: jax.Array, order: jax.Array) -> jax.Array:
 
 
 def _lovasz_rows_bwd(residuals, cotangent):
+  """d loss / d errors: the sorted-order gradient at each element's position, 0 where error <= 0
+  (the hinge is flat) or the pixel is invalid; labels and valid get no cotangent."""
   order, gradient, active = residuals
   error_gradient = jnp.where(active, _unsort(gradient, order), 0.0) * cotangent[..., None]
   return error_gradient, None, None
@@ -169,6 +172,9 @@ def lovasz_hinge(logits: jax.Array, labels: jax.Array, valid: jax.Array, *,
   sorted last with zero hinge and zero gradient: value and gradient are exactly those of the valid
   pixels alone (fixed shapes, no filtering). The gradient (a subgradient at ties) is a custom VJP
   that scatters the sorted-order gradient back; the value alone needs only one int32 sort.
+  Integer keys matter on XLA:CPU, where only a single-operand sort of plain integers takes the
+  fast std::sort path (about 4x faster than a float sort, whose comparator is a total order);
+  the gradient pass sorts (key, index) pairs, which GPU and TPU sort natively.
 
   Args:
     logits: (B, H, W, C) per-class logits.

@@ -83,7 +83,7 @@ def main(argv):
 
   def loss_timer(loss: Callable, gradient: bool) -> tuple[float, float]:
     function = jax.value_and_grad(loss) if gradient else loss
-    return median_seconds(jax.jit(lambda x: function(x, labels, valid)), logits)
+    return median_seconds(jax.jit(function), logits, labels, valid)  # arguments, not constants
 
   hybrid = lambda x, y, v: losses.hybrid(x, y, v, 1.0, 1.0)
   bce_dice = lambda x, y, v: losses.hybrid(x, y, v, 1.0, 0.0)
