@@ -33,8 +33,14 @@ def load_default_configs():
 
 
 def tiny_config(data_dir: str):
-  """IBN-Net50-s DeepLabV3+ of width 8 on 32x32 synthetic tiles, global batch 8."""
-  config = load_default_configs().get_config('depth=50', ibn_mode='s', default_loss='hybrid')
+  """ResNet-50 DeepLabV3+ of width 8 with the hybrid loss on 32x32 synthetic tiles, batch 8.
+
+  Plain BatchNorm: InstanceNorm (IBN-a/b/s) over the 2x2 maps of a 32 px input is so
+  ill-conditioned that float32 reduction-order noise moves its gradients by several percent,
+  which would hide real sharding errors in the equivalence tests below. The norms' sharded
+  statistics are tested in the models' tests.
+  """
+  config = load_default_configs().get_config('depth=50', ibn_mode='none', default_loss='hybrid')
   config.model.update(dict(width=8, aspp_channels=16, decoder_channels=16, low_level_channels=8))
   config.data.update(dict(source='synthetic', data_dir=data_dir, image_size=32, batch_size=8,
                           eval_batch_size=8, num_workers=0))
@@ -72,19 +78,51 @@ def flat(variables):
           for k, v in jax.tree_util.tree_leaves_with_path(jax.device_get(variables))}
 
 
+def relative_difference(a: dict, b: dict, reference: dict, keys: list[str]) -> float:
+  """||a - b|| / ||reference|| over the leaves ``keys`` (all leaves as one vector)."""
+  norm = lambda f: np.sqrt(sum(np.sum(np.square(f(k)), dtype=np.float64) for k in keys))
+  return norm(lambda k: a[k] - b[k]) / norm(lambda k: reference[k])
+
+
+def assert_same_step(metrics: dict, variables: dict, ref_metrics: dict, ref_variables: dict,
+                     init: dict) -> None:
+  """One train step on two device layouts agrees up to float32 reduction-order noise.
+
+  The loss to 1e-5 relative, the norm statistics to 1e-4 of their norm, the parameters to 1e-3
+  of the norm of the update (measured noise: 2e-6 and 5e-5; a missing gradient all-reduce or
+  per-device statistics give differences of order 1).
+  """
+  np.testing.assert_allclose(metrics['loss'], ref_metrics['loss'], rtol=1e-5)
+  assert variables.keys() == ref_variables.keys() == init.keys()
+  params = [k for k in init if k.startswith("['params']")]
+  stats = [k for k in init if k.startswith("['batch_stats']")]
+  assert params and stats
+  assert relative_difference(variables, ref_variables, ref_variables, stats) < 1e-4
+  update = {k: ref_variables[k] - init[k] for k in params}
+  assert relative_difference(ref_variables, init, init, params) > 1e-3  # the step moved them
+  assert relative_difference(variables, ref_variables, update, params) < 1e-3
+
+
+def initial_variables(config) -> dict:
+  model = models.create_model(config.model)
+  size = config.data.image_size
+  return flat(models.init_variables(model, jax.random.fold_in(jax.random.key(config.seed), 0),
+                                    (1, size, size, config.model.in_channels)))
+
+
 def test_loss_decreases_over_a_few_dozen_steps(data_dir, tmp_path):
   config = tiny_config(data_dir)
-  config.num_train_steps = 36
-  config.log_every_steps = 12
-  config.checkpoint_every_steps = 36
+  config.num_train_steps = 30
+  config.log_every_steps = 10
+  config.checkpoint_every_steps = 30
   result = train.train_and_evaluate(config, str(tmp_path))
   records = train_records(str(tmp_path))
-  assert [r['step'] for r in records] == [12, 24, 36]
+  assert [r['step'] for r in records] == [10, 20, 30]
   first, last = records[0]['loss'], records[-1]['loss']
   assert np.isfinite(first) and last < 0.85 * first, (first, last)
   assert set(result) >= {'loss', 'miou'} | {f'iou/{n}' for n in data.class_names('2020')}
   val = train_records(str(tmp_path), 'val')
-  assert [r['step'] for r in val] == [36] and val[0]['miou'] == pytest.approx(result['miou'])
+  assert [r['step'] for r in val] == [30] and val[0]['miou'] == pytest.approx(result['miou'])
   assert os.path.exists(tmp_path / 'config.json')
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(tmp_path))
 
@@ -123,21 +161,16 @@ def one_step(config, devices, batch):
 
 
 def test_eight_devices_equal_one_device_after_a_step(data_dir):
+  # Two examples per device: with one, XLA:CPU's float32 rounding differs more from the unsharded
+  # computation and the freshly initialised stage 4 amplifies it to ~1% of the update (measured;
+  # 1, 2 and 4 devices with >= 2 examples each agree to 2e-5).
   config = tiny_config(data_dir)
+  config.data.batch_size = 16
   batch = next(data.create_train_iterator(config.data, config.seed, 0, 1))
-  metrics_1, variables_1 = one_step(config, jax.devices()[:1], batch)
-  metrics_8, variables_8 = one_step(config, jax.devices()[:8], batch)
   assert len(jax.devices()) == 8
-  np.testing.assert_allclose(metrics_8['loss'], metrics_1['loss'], rtol=1e-5)
-  for key, value in variables_1.items():
-    scale = max(float(np.abs(value).max()), 1e-3)
-    np.testing.assert_allclose(variables_8[key], value, rtol=0, atol=1e-4 * scale, err_msg=key)
-  # The step changed the parameters (so equal parameters are not equal initial values).
-  init = flat(models.init_variables(models.create_model(config.model),
-                                    jax.random.fold_in(jax.random.key(config.seed), 0),
-                                    (1, 32, 32, 4)))
-  assert not np.allclose(init["['params']['classifier']['kernel']"],
-                         variables_1["['params']['classifier']['kernel']"])
+  metrics_1, variables_1 = one_step(config, jax.devices()[:1], batch)
+  metrics_8, variables_8 = one_step(config, jax.devices(), batch)
+  assert_same_step(metrics_8, variables_8, metrics_1, variables_1, initial_variables(config))
 
 
 def test_nan_loss_stops_and_last_checkpoint_restores(data_dir, tmp_path, monkeypatch):
