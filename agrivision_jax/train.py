@@ -103,51 +103,26 @@ def _replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def _place(tree: Any, sharding: NamedSharding) -> Any:
-  """Puts a host pytree (same values on every process) on ``sharding``."""
-  def put(x):
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-  return jax.tree.map(put, tree)
+def initial_variables(config: ml_collections.ConfigDict, model: flax.linen.Module) -> dict:
+  """Fresh {'params', 'batch_stats'} (host arrays) with ``config.init_from``'s leaves copied in.
 
-
-def merge_variables(fresh: Mapping[str, Any], loaded: Mapping[str, Any], source: str) -> dict:
-  """Overwrites the leaves of ``fresh`` that ``loaded`` has (e.g. converted ImageNet backbones).
-
-  Args:
-    fresh: {'params', 'batch_stats'} of the freshly initialised model.
-    loaded: a subset of the same trees (``agrivision_jax.convert.load_variables``).
-    source: where ``loaded`` came from, for error messages.
-
-  Returns:
-    ``fresh`` with every leaf of ``loaded`` copied in.
-
-  Raises:
-    ValueError: a loaded leaf the model does not have, or one of a different shape.
+  The converted directory (``agrivision_jax.convert``) may hold every variable (a full
+  checkpoint) or the backbone only (ImageNet weights); the rest stays freshly initialised.
   """
-  fresh_flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(dict(fresh)), sep='/')
-  loaded_flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(dict(loaded)), sep='/')
-  unknown = sorted(set(loaded_flat) - set(fresh_flat))
-  if unknown:
-    raise ValueError(f'{source}: variables the model does not have: {unknown[:10]}'
-                     f'{" ..." if len(unknown) > 10 else ""}')
-  mismatched = [f'{k}: {np.shape(v)} vs model {np.shape(fresh_flat[k])}'
-                for k, v in loaded_flat.items() if np.shape(v) != np.shape(fresh_flat[k])]
-  if mismatched:
-    raise ValueError(f'{source}: shape mismatch: {mismatched[:10]}')
-  fresh_flat.update({k: np.asarray(v, np.asarray(fresh_flat[k]).dtype)
-                     for k, v in loaded_flat.items()})
-  return flax.traverse_util.unflatten_dict(fresh_flat, sep='/')
-
-
-def _load_init_from(config: ml_collections.ConfigDict) -> dict:
-  from agrivision_jax import convert  # pylint: disable=g-import-not-at-top (optional, heavy)
-  return convert.load_variables(config.init_from)
+  image_shape = (1, config.data.image_size, config.data.image_size, config.model.in_channels)
+  key = jax.random.fold_in(jax.random.key(config.seed), 0)
+  variables = jax.device_get(models.init_variables(model, key, image_shape))
+  if config.init_from:
+    from agrivision_jax import convert  # pylint: disable=g-import-not-at-top (optional, heavy)
+    loaded = convert.load_variables(config.init_from, config.model)
+    variables = checkpointing.merge_variables(variables, loaded,
+                                              f'config.init_from={config.init_from}')
+  return variables
 
 
 def create_train_state(config: ml_collections.ConfigDict, model: flax.linen.Module,
                        tx: optax.GradientTransformation, mesh: jax.sharding.Mesh) -> TrainState:
-  """Initialises the model (and ``config.init_from`` if set) and the optimizer, replicated.
+  """Initialises the model (``initial_variables``) and the optimizer, replicated over ``mesh``.
 
   Args:
     config: the experiment config (seed, model, data.image_size, init_from).
@@ -159,13 +134,7 @@ def create_train_state(config: ml_collections.ConfigDict, model: flax.linen.Modu
     A TrainState at step 0 with every leaf replicated over ``mesh``.
   """
   replicated = _replicated(mesh)
-  image_shape = (1, config.data.image_size, config.data.image_size, config.model.in_channels)
-  key = jax.random.fold_in(jax.random.key(config.seed), 0)
-  variables = models.init_variables(model, key, image_shape)
-  if config.init_from:
-    variables = merge_variables(variables, _load_init_from(config),
-                                f'config.init_from={config.init_from}')
-  variables = _place(jax.device_get(variables), replicated)
+  variables = checkpointing.place_replicated(initial_variables(config, model), mesh)
 
   @functools.partial(jax.jit, out_shardings=replicated)
   def init(params, batch_stats):
@@ -330,11 +299,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   model, loss_fn = _build(config)
   tx, lr_schedule = optim.create_optimizer(config.optim), optim.schedule(config.optim)
   names = data_lib.class_names(config.data.version)
-  index, count = jax.process_index(), jax.process_count()
-  train_iter = data_lib.create_train_iterator(config.data, config.seed, index, count)
-
   manager = checkpointing.create_manager(workdir, config.max_checkpoints_to_keep)
   start_step = manager.latest_step() or 0
+  if start_step >= config.num_train_steps:
+    logging.info('%s already holds step %d >= config.num_train_steps=%d: nothing to train',
+                 workdir, start_step, config.num_train_steps)
+    manager.close()
+    return {}
+  index, count = jax.process_index(), jax.process_count()
+  train_iter = data_lib.create_train_iterator(config.data, config.seed, index, count)
   if start_step:
     logging.info('Resuming from checkpoint step %d in %s', start_step, workdir)
     state = checkpointing.restore(manager, start_step,
@@ -400,22 +373,6 @@ def _flush_train_metrics(interval: _Interval, step: int, writer: writers.MetricW
   interval.start_step, interval.start_time = step, time.perf_counter()
 
 
-def _variables_from_workdir(config, workdir: str, mesh) -> tuple[dict | None, int | None]:
-  """The latest checkpoint's variables and step, or (None, None) if the workdir has none."""
-  if not os.path.isdir(checkpointing.checkpoint_dir(workdir)):
-    return None, None
-  manager = checkpointing.create_manager(workdir, read_only=True)
-  step = manager.latest_step()
-  if step is None:
-    return None, None
-  model = models.create_model(config.model)
-  tx = optim.create_optimizer(config.optim)
-  state = checkpointing.restore(manager, step, abstract_train_state(config, model, tx, mesh))
-  manager.close()
-  logging.info('Restored checkpoint step %d from %s', step, checkpointing.checkpoint_dir(workdir))
-  return {'params': state.params, 'batch_stats': state.batch_stats}, step
-
-
 def restore_variables(config: ml_collections.ConfigDict, workdir: str,
                       mesh: jax.sharding.Mesh | None = None) -> dict:
   """Loads {'params', 'batch_stats'}: the workdir's latest checkpoint, else ``config.init_from``.
@@ -436,13 +393,21 @@ def restore_variables(config: ml_collections.ConfigDict, workdir: str,
 
 def _restore_variables_and_step(config, workdir: str, mesh) -> tuple[dict, int]:
   mesh = create_mesh() if mesh is None else mesh
-  variables, step = _variables_from_workdir(config, workdir, mesh)
-  if variables is not None:
-    return variables, step
+  model = models.create_model(config.model)
+  path = checkpointing.checkpoint_dir(workdir)
+  if os.path.isdir(path):
+    manager = checkpointing.create_manager(workdir, read_only=True)
+    step = manager.latest_step()
+    if step is not None:
+      abstract = abstract_train_state(config, model, optim.create_optimizer(config.optim), mesh)
+      state = checkpointing.restore(manager, step, abstract)
+      manager.close()
+      logging.info('Restored checkpoint step %d from %s', step, path)
+      return {'params': state.params, 'batch_stats': state.batch_stats}, step
   if config.init_from:
-    return _place(jax.device_get(_load_init_from(config)), _replicated(mesh)), 0
+    return checkpointing.place_replicated(initial_variables(config, model), mesh), 0
   raise FileNotFoundError(
-      f'no checkpoint in {checkpointing.checkpoint_dir(workdir)} and config.init_from is empty: '
+      f'no checkpoint in {path} and config.init_from is empty: '
       f'train into --workdir={workdir} first or set --config.init_from')
 
 

@@ -7,7 +7,7 @@ comma-separated after the file name, e.g. ``--config=configs/ibn_s.py:depth=50,l
   depth=50|101                        model.arch resnet50 | resnet101 (default 101)
   loss=bce|bce_dice|bce_lovasz|hybrid (lambda_dice, lambda_lovasz) = (0,0) | (1,0) | (0,1) | (1,1)
   modality=nrgb|rgb|nir               data.modality and model.in_channels 4 | 3 | 3
-  demo                                synthetic data, tiny model, 400 steps: learns on 2 CPU cores
+  demo                                synthetic data, tiny model, 1500 steps: learns on 2 CPU cores
 
 Any field can then be overridden on the command line with ``--config.a.b=value``; the result is
 checked by ``agrivision_jax.configuration.validate`` before anything is computed.
@@ -136,20 +136,20 @@ def apply_demo(config: ml_collections.ConfigDict) -> None:
   config.model.decoder_channels = 32
   config.model.low_level_channels = 8
   config.data.source = 'synthetic'
-  config.data.data_dir = f'{tempfile.gettempdir()}/agrivision_jax_synthetic_demo'
+  config.data.data_dir = f'{tempfile.gettempdir()}/agrivision_jax_synthetic_demo_64px_512'
   config.data.image_size = 64
   config.data.batch_size = 8
   config.data.eval_batch_size = 8
   config.data.num_workers = 0
-  config.data.synthetic.update(dict(num_train=256, num_val=32, num_test=16, size=64, seed=0))
+  config.data.synthetic.update(dict(num_train=512, num_val=32, num_test=16, size=64, seed=0))
   config.optim.learning_rate = 0.05
-  config.optim.warmup_steps = 20
-  config.optim.constant_steps = 180
-  config.optim.decay_steps = 200
-  config.num_train_steps = 400
-  config.log_every_steps = 20
-  config.eval_every_steps = 200
-  config.checkpoint_every_steps = 200
+  config.optim.warmup_steps = 50
+  config.optim.constant_steps = 700
+  config.optim.decay_steps = 750
+  config.num_train_steps = 1500
+  config.log_every_steps = 50
+  config.eval_every_steps = 500
+  config.checkpoint_every_steps = 500
 
 
 def get_config(arg: str | None = None, *, ibn_mode: str = 'none',

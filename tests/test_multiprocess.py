@@ -8,7 +8,6 @@ import sys
 
 import jax
 import numpy as np
-import pytest
 
 from agrivision_jax import data
 from agrivision_jax import train
@@ -26,7 +25,6 @@ import json, sys
 import jax
 jax.config.update('jax_num_cpu_devices', 2)
 jax.config.update('jax_default_matmul_precision', 'highest')
-jax.config.update('jax_disable_most_optimizations', True)  # halves XLA:CPU compile time
 from absl import flags
 flags.FLAGS.mark_as_parsed()
 import ml_collections
@@ -36,14 +34,6 @@ config.model.multi_grid = tuple(config.model.multi_grid)
 train.train_and_evaluate(config, sys.argv[2])
 assert jax.process_count() == 2 and jax.device_count() == 4, (jax.process_count(), jax.devices())
 """
-
-
-@pytest.fixture(autouse=True)
-def fast_compile():
-  """One step only here, so XLA's optimisation passes cost more than they save."""
-  jax.config.update('jax_disable_most_optimizations', True)
-  yield
-  jax.config.update('jax_disable_most_optimizations', False)
 
 
 def free_port() -> int:

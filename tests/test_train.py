@@ -196,3 +196,45 @@ def test_nan_loss_stops_and_last_checkpoint_restores(data_dir, tmp_path, monkeyp
   assert list(manager.all_steps()) == [2]
   variables = flat(train.restore_variables(config, workdir))
   assert all(np.isfinite(v).all() for v in variables.values())
+
+
+def test_init_from_replaces_exactly_the_converted_leaves(data_dir, tmp_path, monkeypatch):
+  from agrivision_jax import convert  # pylint: disable=g-import-not-at-top
+  config = tiny_config(data_dir)
+  model = models.create_model(config.model)
+  fresh = jax.device_get(train.initial_variables(config, model))
+  kernel = fresh['params']['backbone']['conv1']['kernel']
+  loaded = {'params': {'backbone': {'conv1': {'kernel': np.full(kernel.shape, 0.25)}}},
+            'batch_stats': {'backbone': {'bn1': {'mean': np.full((8,), 0.5)}}}}
+  calls = []
+  monkeypatch.setattr(convert, 'load_variables',
+                      lambda directory, model_config: calls.append(directory) or loaded)
+  config.init_from = str(tmp_path / 'converted')
+  merged = flat(train.initial_variables(config, model))
+  assert calls == [config.init_from]
+  expected = flat(fresh)
+  expected["['params']['backbone']['conv1']['kernel']"] = np.full(kernel.shape, 0.25, np.float32)
+  expected["['batch_stats']['backbone']['bn1']['mean']"] = np.full((8,), 0.5, np.float32)
+  assert merged.keys() == expected.keys()
+  for key in expected:
+    np.testing.assert_array_equal(merged[key], expected[key], err_msg=key)
+  # Without a checkpoint in the workdir, restore_variables falls back to init_from.
+  restored = flat(train.restore_variables(config, str(tmp_path / 'untrained')))
+  np.testing.assert_array_equal(restored["['params']['backbone']['conv1']['kernel']"], 0.25)
+
+  loaded['params']['backbone']['conv9'] = {'kernel': np.zeros((1,))}
+  with pytest.raises(ValueError, match=r"config.init_from=.*converted: variables the model does "
+                                       r"not have: \['params/backbone/conv9/kernel'\]"):
+    train.initial_variables(config, model)
+  del loaded['params']['backbone']['conv9']
+  loaded['params']['backbone']['conv1']['kernel'] = np.zeros((7, 7, 3, 8))
+  with pytest.raises(ValueError, match=r'shape mismatch: \[.params/backbone/conv1/kernel: '
+                                       r'\(7, 7, 3, 8\) vs model \(7, 7, 4, 8\)'):
+    train.initial_variables(config, model)
+
+
+def test_restore_without_checkpoint_or_init_from_names_the_workdir(data_dir, tmp_path):
+  config = tiny_config(data_dir)
+  with pytest.raises(FileNotFoundError, match=f'no checkpoint in {tmp_path}/checkpoints and '
+                                              'config.init_from is empty'):
+    train.restore_variables(config, str(tmp_path))
