@@ -87,7 +87,7 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dic
   """Assembles this process's share of a batch into global arrays split over the 'data' axis.
 
   Args:
-    batch: per-process arrays image (b,H,W,Cin) float32, labels (b,H,W,C) float32,
+    batch: per-process arrays image (b,H,W,Cin) float32, labels (b,H,W,C) uint8,
       valid (b,H,W) bool (other keys, such as 'id', are dropped).
     mesh: from ``create_mesh``.
 

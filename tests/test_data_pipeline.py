@@ -75,7 +75,7 @@ def test_train_batches_follow_the_contract(data_dir, modality, channels):
   batch = next(data.create_train_iterator(config, seed=0, process_index=1, process_count=2))
   assert sorted(batch) == ['image', 'labels', 'valid']
   assert batch['image'].shape == (3, SIZE, SIZE, channels) and batch['image'].dtype == np.float32
-  assert batch['labels'].shape == (3, SIZE, SIZE, 7) and batch['labels'].dtype == np.float32
+  assert batch['labels'].shape == (3, SIZE, SIZE, 7) and batch['labels'].dtype == np.uint8
   assert batch['valid'].shape == (3, SIZE, SIZE) and batch['valid'].dtype == bool
   assert set(np.unique(batch['labels'])) <= {0.0, 1.0}
   assert not batch['labels'][~batch['valid']].any()
