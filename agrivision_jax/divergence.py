@@ -27,7 +27,6 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from matplotlib.figure import Figure
 
-from agrivision_jax import configuration
 from agrivision_jax import data as data_lib
 from agrivision_jax import models
 from agrivision_jax import train
@@ -374,13 +373,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     ValueError: a bad config field, named.
   """
   settings = _divergence_config(config)
-  train.maybe_initialize_distributed(config)
-  configuration.validate(config, jax.device_count(), jax.process_count())
-  if settings.batch_size % jax.device_count():
-    raise ValueError(f'config.divergence.batch_size={settings.batch_size} must be divisible by '
-                     f'the number of devices ({jax.device_count()})')
-  mesh = train.create_mesh()
-  model = models.create_model(config.model)
+  mesh, model = train.setup_inference(config, settings.batch_size, 'config.divergence.batch_size')
   if settings.random_init:
     size = config.data.image_size
     variables = jax.device_put(

@@ -27,10 +27,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from agrivision_jax import configuration
 from agrivision_jax import data as data_lib
 from agrivision_jax import metrics as metrics_lib
-from agrivision_jax import models
 from agrivision_jax import overlay
 from agrivision_jax import train
 from agrivision_jax import tta as tta_lib
@@ -181,13 +179,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     ValueError: a bad config field, named.
   """
   settings = _predict_config(config)
-  train.maybe_initialize_distributed(config)
-  configuration.validate(config, jax.device_count(), jax.process_count())
-  if settings.batch_size % jax.device_count():
-    raise ValueError(f'config.predict.batch_size={settings.batch_size} must be divisible by the '
-                     f'number of devices ({jax.device_count()})')
-  mesh = train.create_mesh()
-  model = models.create_model(config.model)
+  mesh, model = train.setup_inference(config, settings.batch_size, 'config.predict.batch_size')
   variables = train.restore_variables(config, workdir, mesh)
 
   split = settings.split

@@ -83,6 +83,32 @@ def create_mesh(devices: list[jax.Device] | None = None) -> jax.sharding.Mesh:
                        axis_types=(jax.sharding.AxisType.Auto,))
 
 
+def setup_inference(config: ml_collections.ConfigDict, batch_size: int,
+                    batch_field: str) -> tuple[jax.sharding.Mesh, flax.linen.Module]:
+  """The shared start of the inference modes (divergence, predict).
+
+  Initialises multi-host JAX when asked, validates ``config``, checks the mode's global batch
+  size against the device count, and builds the mesh and the model.
+
+  Args:
+    config: the full config.
+    batch_size: the mode's global batch size.
+    batch_field: its config field, named in the error (e.g. 'config.predict.batch_size').
+
+  Returns:
+    (mesh from ``create_mesh``, ``models.create_model(config.model)``).
+
+  Raises:
+    ValueError: a bad config field, named; ``batch_size`` not divisible by the device count.
+  """
+  maybe_initialize_distributed(config)
+  configuration.validate(config, jax.device_count(), jax.process_count())
+  if batch_size % jax.device_count():
+    raise ValueError(f'{batch_field}={batch_size} must be divisible by the number of devices '
+                     f'({jax.device_count()})')
+  return create_mesh(), models.create_model(config.model)
+
+
 def shard_batch(batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
   """Assembles this process's share of a batch into global arrays split over the 'data' axis.
 
