@@ -181,6 +181,42 @@ def test_lovasz_gradient_matches_finite_differences(per_image):
   assert np.abs(grad).max() > 1e-3
 
 
+def _sequential_lovasz_gradient(errors, labels, order):
+  """d loss / d error of one row for one tie-breaking ``order`` (Berman et al., Alg. 1)."""
+  gradient = _torch_lovasz_gradient(torch.tensor(labels[order], dtype=torch.float64)).numpy()
+  per_element = np.zeros_like(errors)
+  per_element[order] = gradient * (errors[order] > 0)
+  return per_element
+
+
+def test_lovasz_gradient_at_ties_is_the_mean_over_tie_orders():
+  # Logits from a few exact values, so many pixels share an error. The Lovasz extension is
+  # piecewise linear; at ties its subgradients are the sequential gradients of every tie order,
+  # and their mean is one of them (a valid subgradient). Reference: that mean by enumeration.
+  rng = np.random.default_rng(11)
+  logits = rng.choice(np.float32([-0.5, 1.0]), size=(1, 2, 5, 1))
+  labels = (rng.random(logits.shape) < 0.5).astype(np.float32)
+  labels.reshape(-1)[:2] = (0.0, 1.0)
+  valid = np.ones(logits.shape[:-1], bool)
+  valid[0, 1, 4] = False
+  errors = (1.0 - logits * (2 * labels - 1)).reshape(-1)[valid.reshape(-1)].astype(np.float64)
+  flat_labels = labels.reshape(-1)[valid.reshape(-1)]
+  # Groups of equal (error, label), in the kernel's order: error descending, negatives first.
+  groups = {}
+  for i, key in enumerate(zip(-errors, flat_labels)):
+    groups.setdefault(key, []).append(i)
+  group_order = [groups[key] for key in sorted(groups)]
+  assert max(len(group) for group in group_order) >= 3
+  tie_orders = itertools.product(*(itertools.permutations(group) for group in group_order))
+  sequential = [_sequential_lovasz_gradient(errors, flat_labels, list(itertools.chain(*order)))
+                for order in tie_orders]
+  expected_error_gradient = np.mean(sequential, axis=0)
+  _, grad = _jax_value_and_grad(losses.lovasz_hinge, logits, labels, valid)
+  sign = 2 * flat_labels - 1
+  np.testing.assert_allclose(grad.reshape(-1)[valid.reshape(-1)],
+                             -sign * expected_error_gradient, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize('per_image', [False, True])
 def test_lovasz_ignores_invalid_pixels(per_image):
   logits, labels, valid = _random_inputs(5, shape=(2, 4, 5, 3))
