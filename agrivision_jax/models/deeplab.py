@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from agrivision_jax.models import conv
 from agrivision_jax.models import norms
 from agrivision_jax.models import resnet
 from agrivision_jax.models.resize import resize_bilinear_align_corners
@@ -54,7 +55,7 @@ def _conv(features: int, kernel: int, dilation: int, name: str, dtype: Dtype) ->
   pad = dilation * (kernel - 1) // 2
   return nn.Conv(features, (kernel, kernel), padding=((pad, pad), (pad, pad)),
                  kernel_dilation=(dilation, dilation), use_bias=False, dtype=dtype,
-                 param_dtype=jnp.float32, kernel_init=head_conv_init, name=name)
+                 param_dtype=jnp.float32, kernel_init=head_conv_init, name=name, conv_general_dilated=conv.conv_general_dilated)
 
 
 class ASPPModule(nn.Module):

@@ -34,6 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from agrivision_jax.models import conv
 from agrivision_jax.models import norms
 
 Array = jax.Array
@@ -90,7 +91,7 @@ def _conv(features: int, kernel: int, stride: int, dilation: int, name: str,
   return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                  padding=((pad, pad), (pad, pad)), kernel_dilation=(dilation, dilation),
                  use_bias=False, dtype=dtype, param_dtype=jnp.float32,
-                 kernel_init=backbone_conv_init, name=name)
+                 kernel_init=backbone_conv_init, name=name, conv_general_dilated=conv.conv_general_dilated)
 
 
 def _bn1(mode: str, dtype: Dtype) -> nn.Module:
