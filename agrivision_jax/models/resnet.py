@@ -36,6 +36,7 @@ import jax.numpy as jnp
 
 from agrivision_jax.models import conv
 from agrivision_jax.models import norms
+from agrivision_jax.models import pooling
 
 Array = jax.Array
 Dtype = Any
@@ -164,7 +165,7 @@ class ResNet(nn.Module):
       x = norms.BatchNorm(dtype=self.dtype, name='bn1')(x, train)
     x = nn.relu(x)
     self.sow('intermediates', 'stem', x)
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = pooling.max_pool(x, window=3, stride=2, padding=1)
 
     strides = STAGE_STRIDES_DILATIONS[self.output_stride][0]
     features = []
