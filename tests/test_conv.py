@@ -1,5 +1,6 @@
 """models/conv.py against lax.conv_general_dilated: values and both gradients, random non-square
-maps, every rewrite (dead dilated taps, 1x1 matmuls, strided 1x1) and the untouched cases."""
+maps, every rewrite (dead dilated taps, per-tap regions, 1x1 matmuls, strided 1x1) and the
+untouched cases; the padding fraction against a brute-force count."""
 import jax
 import numpy as np
 import pytest
@@ -22,6 +23,9 @@ CASES = [  # (H, W, kernel, stride, dilation, pad)
     (5, 6, 3, 2, 4, 4),     # strided and dilated
     (8, 9, 7, 2, 1, 3),     # the stem's 7x7/2
     (2, 3, 7, 2, 1, 3),     # 7x7/2 on a tiny map: outer taps dead
+    (11, 9, 3, 1, 4, 4),    # per-tap regions (padding fraction >= 0.3)
+    (13, 8, 3, 1, 5, 5),    # per-tap regions, non-square
+    (16, 16, 3, 1, 2, 2),   # below the threshold: direct convolution
 ]
 
 
@@ -66,3 +70,37 @@ def test_rejects_grouped_and_transposed_convolutions():
   with pytest.raises(ValueError, match='lhs_dilation'):
     conv.conv_general_dilated(x, np.ones((3, 3, 2, 2), np.float32), (1, 1), ((1, 1), (1, 1)),
                               lhs_dilation=(2, 2), dimension_numbers=DIMENSION_NUMBERS)
+
+
+def _brute_force_padding_fraction(height, width, kernel, dilation, pad):
+  out_h = height + 2 * pad - dilation * (kernel - 1)
+  out_w = width + 2 * pad - dilation * (kernel - 1)
+  padded = total = 0
+  for o_h in range(out_h):
+    for o_w in range(out_w):
+      for i in range(kernel):
+        for j in range(kernel):
+          row, col = o_h + i * dilation - pad, o_w + j * dilation - pad
+          padded += not (0 <= row < height and 0 <= col < width)
+          total += 1
+  return padded / total
+
+
+@pytest.mark.parametrize('height, width, kernel, dilation, pad',
+                         [(16, 16, 3, 2, 2), (16, 16, 3, 12, 12), (11, 9, 3, 4, 4), (7, 5, 5, 1, 2),
+                          (32, 24, 3, 18, 18), (4, 6, 3, 1, 0)])
+def test_padding_fraction_equals_brute_force(height, width, kernel, dilation, pad):
+  fraction = conv.padding_fraction((height, width), (kernel, kernel), (dilation, dilation),
+                                   ((pad, pad), (pad, pad)))
+  assert fraction == pytest.approx(
+      _brute_force_padding_fraction(height, width, kernel, dilation, pad), abs=1e-12)
+
+
+@pytest.mark.parametrize('dilation, expect_convolution', [(2, True), (4, False)])
+def test_region_split_only_above_the_threshold(dilation, expect_convolution):
+  x = np.ones((1, 16, 16, 2), np.float32)
+  w = np.ones((3, 3, 2, 3), np.float32)
+  lowered = jax.jit(lambda x, w: conv.conv_general_dilated(
+      x, w, (1, 1), ((dilation, dilation),) * 2, rhs_dilation=(dilation, dilation),
+      dimension_numbers=DIMENSION_NUMBERS)).lower(x, w).as_text()
+  assert ('convolution' in lowered) == expect_convolution

@@ -6,13 +6,21 @@ slow and the result is the same:
 * kernel taps that read only padding for every output position (a dilated 3x3 whose dilation
   reaches past the feature map, e.g. ASPP rate 18 on a 16x16 map) are dropped, with the padding
   shrunk to match, so no work is spent on zeros;
+* stride-1 convolutions of which at least ``REGION_SPLIT_PADDING_FRACTION`` of the kernel reads
+  fall in the padding (dilated 3x3s on small maps: stage 4 and ASPP) become one matmul per tap
+  over the output rectangle where that tap reads the input, summed: no work on padding;
 * 1x1 convolutions without padding become a strided slice and a matmul, whose weight gradient
   is a GEMM over batch x pixels instead of a convolution over transposed activations.
 """
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 from jax import lax
+
+# Measured on XLA:CPU (docs/benchmarks.md): the per-tap split is faster from about this fraction of
+# padded reads on; below it the direct convolution wins.
+REGION_SPLIT_PADDING_FRACTION = 0.3
 
 
 def _live_taps(size: int, kernel: int, dilation: int, padding: tuple[int, int],
@@ -26,6 +34,56 @@ def _live_taps(size: int, kernel: int, dilation: int, padding: tuple[int, int],
   live = [k for k in range(kernel)
           if (outputs - 1) * stride + k * dilation - low >= 0 and k * dilation - low < size]
   return (live[0], live[-1]) if live else (0, kernel - 1)
+
+
+def _tap_ranges(size: int, kernel: int, dilation: int,
+                padding: tuple[int, int]) -> list[tuple[int, int]]:
+  """Per tap k along one dim of a stride-1 conv: the output range [start, stop) where
+  ``o + k * dilation - padding[0]`` indexes the input (empty when start >= stop)."""
+  low, high = padding
+  outputs = size + low + high - dilation * (kernel - 1)
+  return [(max(0, low - k * dilation), min(outputs, size + low - k * dilation))
+          for k in range(kernel)]
+
+
+def padding_fraction(shape: Sequence[int], kernel: Sequence[int], dilation: Sequence[int],
+                     padding: Sequence[tuple[int, int]]) -> float:
+  """Fraction of a stride-1 convolution's kernel reads that fall in the padding.
+
+  Args:
+    shape: input (H, W).
+    kernel: (kh, kw).
+    dilation: (dh, dw).
+    padding: ((top, bottom), (left, right)).
+  """
+  reads, total = 1, 1
+  for size, k, d, (low, high) in zip(shape, kernel, dilation, padding):
+    reads *= sum(max(0, stop - start) for start, stop in _tap_ranges(size, k, d, (low, high)))
+    total *= k * (size + low + high - d * (k - 1))
+  return 1.0 - reads / total
+
+
+def _conv_by_tap_regions(inputs: jax.Array, kernel: jax.Array, padding: Sequence[tuple[int, int]],
+                         dilation: Sequence[int], precision: Any) -> jax.Array:
+  """Stride-1 conv as a sum over taps of (input rectangle @ kernel tap), padded into place."""
+  batch, height, width, _ = inputs.shape
+  (top, bottom), (left, right) = padding
+  out_h = height + top + bottom - dilation[0] * (kernel.shape[0] - 1)
+  out_w = width + left + right - dilation[1] * (kernel.shape[1] - 1)
+  output = None
+  for i, (r0, r1) in enumerate(_tap_ranges(height, kernel.shape[0], dilation[0], padding[0])):
+    for j, (c0, c1) in enumerate(_tap_ranges(width, kernel.shape[1], dilation[1], padding[1])):
+      if r0 >= r1 or c0 >= c1:
+        continue
+      rows = r0 + i * dilation[0] - top
+      cols = c0 + j * dilation[1] - left
+      window = inputs[:, rows:rows + r1 - r0, cols:cols + c1 - c0, :]
+      term = lax.dot_general(window, kernel[i, j], (((3,), (0,)), ((), ())), precision=precision)
+      term = jnp.pad(term, ((0, 0), (r0, out_h - r1), (c0, out_w - c1), (0, 0)))
+      output = term if output is None else output + term
+  if output is None:
+    return jnp.zeros((batch, out_h, out_w, kernel.shape[-1]), inputs.dtype)
+  return output
 
 
 def conv_general_dilated(inputs: jax.Array, kernel: jax.Array, window_strides: Sequence[int],
@@ -66,6 +124,10 @@ def conv_general_dilated(inputs: jax.Array, kernel: jax.Array, window_strides: S
     sh, sw = window_strides
     return lax.dot_general(inputs[:, ::sh, ::sw, :], kernel[0, 0], (((3,), (0,)), ((), ())),
                            precision=precision)
+  if (tuple(window_strides) == (1, 1)
+      and padding_fraction(inputs.shape[1:3], kernel.shape[:2], dilation, padding)
+      >= REGION_SPLIT_PADDING_FRACTION):
+    return _conv_by_tap_regions(inputs, kernel, padding, dilation, precision)
   return lax.conv_general_dilated(inputs, kernel, window_strides, padding,
                                   rhs_dilation=dilation, dimension_numbers=dimension_numbers,
                                   precision=precision)
