@@ -154,11 +154,14 @@ class TorchSide:
     self.optimizer.step()
     return loss.item()
 
-  def evaluate(self) -> None:
+  def evaluate(self) -> float:
+    """Eval-mode forward and the hybrid loss, as the JAX eval step (which also counts the
+    confusion matrix)."""
     self.model.eval()
-    with self.torch.no_grad(), self.torch.autocast('cpu', dtype=self.torch.bfloat16,
-                                                    enabled=self.autocast):
-      self.model(self.image).float().sum().item()
+    with self.torch.no_grad():
+      with self.torch.autocast('cpu', dtype=self.torch.bfloat16, enabled=self.autocast):
+        logits = self.model(self.image)
+      return self.loss_fn(logits.float(), self.labels, self.valid, *self.loss_weights).item()
 
 
 def interleaved(functions: dict[str, Callable[[], Any]], count: int) -> dict[str, list[float]]:

@@ -10,7 +10,7 @@ from agrivision_jax.models import conv
 
 DIMENSION_NUMBERS = ('NHWC', 'HWIO', 'NHWC')
 
-CASES = [  # (H, W, kernel, stride, dilation, pad)
+CASES = [  # (H, W, kernel, stride, dilation, pad); 20 input channels unless stated
     (9, 7, 1, 1, 1, 0),     # matmul
     (9, 7, 1, 2, 1, 0),     # strided matmul
     (9, 7, 3, 1, 1, 1),     # plain 3x3
@@ -27,13 +27,15 @@ CASES = [  # (H, W, kernel, stride, dilation, pad)
     (13, 8, 3, 1, 5, 5),    # per-tap regions, non-square
     (16, 16, 3, 1, 2, 2),   # below the threshold: direct convolution
 ]
+FEW_CHANNEL_CASES = [(40, 34, 7, 2, 1, 3)]  # the stem: 4 input channels
 
 
-@pytest.mark.parametrize('height, width, kernel, stride, dilation, pad', CASES)
-def test_conv_equals_lax(height, width, kernel, stride, dilation, pad):
+@pytest.mark.parametrize('height, width, kernel, stride, dilation, pad, channels',
+                         [case + (20,) for case in CASES] + [case + (4,) for case in FEW_CHANNEL_CASES])
+def test_conv_equals_lax(height, width, kernel, stride, dilation, pad, channels):
   rng = np.random.default_rng(height * 100 + width + kernel + dilation)
-  x = rng.standard_normal((2, height, width, 5)).astype(np.float32)
-  w = rng.standard_normal((kernel, kernel, 5, 4)).astype(np.float32)
+  x = rng.standard_normal((2, height, width, channels)).astype(np.float32)
+  w = rng.standard_normal((kernel, kernel, channels, 6)).astype(np.float32)
   args = dict(window_strides=(stride, stride), padding=((pad, pad), (pad, pad)),
               rhs_dilation=(dilation, dilation), dimension_numbers=DIMENSION_NUMBERS)
 
@@ -46,10 +48,11 @@ def test_conv_equals_lax(height, width, kernel, stride, dilation, pad):
   expected, expected_vjp = jax.vjp(reference, x, w)
   value, vjp = jax.vjp(ours, x, w)
   assert value.shape == expected.shape
-  np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-5)
+  # float32 sums in another order: errors relative to the output's scale.
+  np.testing.assert_allclose(value, expected, atol=1e-6 * np.abs(expected).max())
   cotangent = rng.standard_normal(expected.shape).astype(np.float32)
   for got, want in zip(vjp(cotangent), expected_vjp(cotangent)):
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got, want, atol=2e-6 * np.abs(want).max())
 
 
 def test_dead_taps_are_dropped():
@@ -104,3 +107,11 @@ def test_region_split_only_above_the_threshold(dilation, expect_convolution):
       x, w, (1, 1), ((dilation, dilation),) * 2, rhs_dilation=(dilation, dilation),
       dimension_numbers=DIMENSION_NUMBERS)).lower(x, w).as_text()
   assert ('convolution' in lowered) == expect_convolution
+
+
+def test_rejects_other_layouts():
+  x = np.ones((1, 2, 4, 4), np.float32)
+  w = np.ones((2, 2, 3, 3), np.float32)
+  with pytest.raises(ValueError, match='only NHWC / HWIO / NHWC'):
+    conv.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                              dimension_numbers=('NCHW', 'OIHW', 'NCHW'))

@@ -21,6 +21,7 @@ from jax import lax
 # Measured on XLA:CPU (docs/benchmarks.md): the per-tap split is faster from about this fraction of
 # padded reads on; below it the direct convolution wins.
 REGION_SPLIT_PADDING_FRACTION = 0.3
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 
 def _live_taps(size: int, kernel: int, dilation: int, padding: tuple[int, int],
@@ -110,6 +111,10 @@ def conv_general_dilated(inputs: jax.Array, kernel: jax.Array, window_strides: S
   if tuple(lhs_dilation or (1, 1)) != (1, 1) or feature_group_count != 1:
     raise ValueError('only dense convolutions without input dilation are supported; got '
                      f'lhs_dilation={lhs_dilation}, feature_group_count={feature_group_count}')
+  nhwc = lax.conv_dimension_numbers(inputs.shape, kernel.shape, _NHWC)
+  if dimension_numbers is not None and lax.conv_dimension_numbers(
+      inputs.shape, kernel.shape, dimension_numbers) != nhwc:
+    raise ValueError(f'only NHWC / HWIO / NHWC convolutions are supported; got {dimension_numbers}')
   dilation = tuple(rhs_dilation or (1, 1))
   padding = [tuple(p) for p in padding]
   spans = [_live_taps(inputs.shape[1 + axis], kernel.shape[axis], dilation[axis], padding[axis],
@@ -129,5 +134,5 @@ def conv_general_dilated(inputs: jax.Array, kernel: jax.Array, window_strides: S
       >= REGION_SPLIT_PADDING_FRACTION):
     return _conv_by_tap_regions(inputs, kernel, padding, dilation, precision)
   return lax.conv_general_dilated(inputs, kernel, window_strides, padding,
-                                  rhs_dilation=dilation, dimension_numbers=dimension_numbers,
+                                  rhs_dilation=dilation, dimension_numbers=nhwc,
                                   precision=precision)
