@@ -88,19 +88,25 @@ def assert_same_step(metrics: dict, variables: dict, ref_metrics: dict, ref_vari
                      init: dict) -> None:
   """One train step on two device layouts agrees up to float32 reduction-order noise.
 
-  The loss to 1e-5 relative, the norm statistics to 1e-4 of their norm, the parameters to 1e-3
-  of the norm of the update (measured noise: 2e-6 and 5e-5; a missing gradient all-reduce or
-  per-device statistics give differences of order 1).
+  The loss to 1e-5 relative, the norm statistics to 1e-4 of their norm, and the gradient
+  all-reduce through the logits layer's bias (its gradient is the pixel mean of d loss / d logits,
+  which depends on the forward only) to 1e-3 of its update. The whole parameter update only to
+  0.25 of its norm: this width-8 network at 32 px switches a few ReLU / max-pool / Lovasz-order
+  choices under 1e-7 forward noise, which moved the update by 1e-4 to 8e-2 across seeds 0-2
+  (two processes against one; 5e-5 to 1.3e-2 with session 1's model code); a missing all-reduce
+  or per-device statistics give differences of order 1.
   """
   np.testing.assert_allclose(metrics['loss'], ref_metrics['loss'], rtol=1e-5)
   assert variables.keys() == ref_variables.keys() == init.keys()
   params = [k for k in init if k.startswith("['params']")]
   stats = [k for k in init if k.startswith("['batch_stats']")]
-  assert params and stats
+  head = [k for k in params if "['last_conv_8']['bias']" in k]
+  assert params and stats and head
   assert relative_difference(variables, ref_variables, ref_variables, stats) < 1e-4
   update = {k: ref_variables[k] - init[k] for k in params}
   assert relative_difference(ref_variables, init, init, params) > 1e-3  # the step moved them
-  assert relative_difference(variables, ref_variables, update, params) < 1e-3
+  assert relative_difference(variables, ref_variables, update, head) < 1e-3
+  assert relative_difference(variables, ref_variables, update, params) < 0.25
 
 
 def initial_variables(config) -> dict:
