@@ -120,11 +120,11 @@ def conv_general_dilated(inputs: jax.Array, kernel: jax.Array, window_strides: S
   spans = [_live_taps(inputs.shape[1 + axis], kernel.shape[axis], dilation[axis], padding[axis],
                       window_strides[axis]) for axis in range(2)]
   if any(span != (0, kernel.shape[axis] - 1) for axis, span in enumerate(spans)):
-    (top, bottom), (left, right) = spans
+    (first_row, last_row), (first_col, last_col) = spans
     padding = [(low - first * d, high - (size - 1 - last) * d)
                for (low, high), (first, last), d, size
                in zip(padding, spans, dilation, kernel.shape[:2])]
-    kernel = kernel[top:bottom + 1, left:right + 1]
+    kernel = kernel[first_row:last_row + 1, first_col:last_col + 1]
   if kernel.shape[:2] == (1, 1) and all(p == (0, 0) for p in padding):
     sh, sw = window_strides
     return lax.dot_general(inputs[:, ::sh, ::sw, :], kernel[0, 0], (((3,), (0,)), ((), ())),
