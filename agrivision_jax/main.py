@@ -81,5 +81,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
+  runtime.relaunch_with_hugepage_malloc()
   runtime.configure_xla()
   app.run(main)

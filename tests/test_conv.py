@@ -115,3 +115,23 @@ def test_rejects_other_layouts():
   with pytest.raises(ValueError, match='only NHWC / HWIO / NHWC'):
     conv.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
                               dimension_numbers=('NCHW', 'OIHW', 'NCHW'))
+
+
+@pytest.mark.parametrize('dtype', [np.float32, jax.numpy.bfloat16])
+def test_matmul_channels_vjp_equals_einsum(dtype):
+  rng = np.random.default_rng(7)
+  x = rng.standard_normal((2, 5, 3, 6)).astype(np.float32)
+  w = rng.standard_normal((6, 4)).astype(np.float32)
+  dy = rng.standard_normal((2, 5, 3, 4)).astype(np.float32)
+  out, vjp = jax.vjp(conv.matmul_channels, x.astype(dtype), w.astype(dtype))
+  dx, dw = vjp(dy.astype(dtype))
+  assert out.dtype == dx.dtype == dw.dtype == dtype
+  # Reference in float64 on the same (rounded) operands.
+  x64, w64, dy64 = (np.asarray(a.astype(dtype), np.float64) for a in (x, w, dy))
+  tol = 1e-5 if dtype == np.float32 else 3e-2
+  np.testing.assert_allclose(np.asarray(out, np.float64), np.einsum('bhwc,co->bhwo', x64, w64),
+                             rtol=tol, atol=tol)
+  np.testing.assert_allclose(np.asarray(dx, np.float64), np.einsum('bhwo,co->bhwc', dy64, w64),
+                             rtol=tol, atol=tol)
+  np.testing.assert_allclose(np.asarray(dw, np.float64), np.einsum('bhwc,bhwo->co', x64, dy64),
+                             rtol=tol, atol=tol * 4)
