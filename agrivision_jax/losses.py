@@ -138,8 +138,10 @@ def _element_gradients(keys: jax.Array, sorted_keys: jax.Array) -> jax.Array:
   """The Lovasz gradient of every element in its original position (..., N) -> (..., N).
 
   Finds each element's tie group (the run of equal keys, hence equal error and label) in the
-  sorted row by two binary searches, instead of carrying a permutation through the sort (a
-  (key, index) sort is about 4x slower than the single int32 sort on XLA:CPU). With lo elements
+  sorted row by one binary search for its start, instead of carrying a permutation through the
+  sort (a (key, index) sort is about 4x slower than the single int32 sort on XLA:CPU); the group's
+  end is read from a reverse cumulative minimum of the run ends (half the time of a second
+  search). With lo elements
   before the group, p of them positive, n = lo - p, m elements in the group and P positives in the
   row, every element of the group gets the mean of the group's sequential gradients (a valid
   subgradient; exactly the sequential gradient when m = 1): 1 / (P + n) for positives (the same
@@ -149,8 +151,12 @@ def _element_gradients(keys: jax.Array, sorted_keys: jax.Array) -> jax.Array:
   """
   rows = sorted_keys.reshape(-1, sorted_keys.shape[-1])
   queries = keys.reshape(rows.shape)
-  lo, hi = (jax.vmap(functools.partial(jnp.searchsorted, side=side))(rows, queries)
-            for side in ('left', 'right'))
+  lo = jax.vmap(functools.partial(jnp.searchsorted, side='left'))(rows, queries)
+  position = lax.broadcasted_iota(jnp.int32, rows.shape, 1)
+  run_last = jnp.concatenate([rows[:, 1:] != rows[:, :-1],
+                              jnp.ones_like(rows[:, :1], dtype=bool)], axis=-1)
+  run_end = lax.cummin(jnp.where(run_last, position + 1, rows.shape[-1]), axis=1, reverse=True)
+  hi = jnp.take_along_axis(run_end, lo, axis=-1)
   positive_rows = (rows & 1) == 1
   positives_before = jnp.concatenate(
       [jnp.zeros_like(positive_rows[:, :1], jnp.int32),
