@@ -72,6 +72,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_logger().addFilter(_drop_orbax_info)
   import jax  # pylint: disable=g-import-not-at-top (after the XLA flags are set)
+  runtime.configure_host_memory()
   if _CACHE_DIR.value:
     jax.config.update('jax_compilation_cache_dir', _CACHE_DIR.value)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 2.0)
@@ -81,6 +82,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  runtime.relaunch_with_hugepage_malloc()
   runtime.configure_xla()
   app.run(main)

@@ -4,16 +4,14 @@ XLA reads ``XLA_FLAGS`` once, when the first backend is created, and aborts on a
 know. So the flags below are keyed by the jaxlib release they were measured on, and applied only
 there; ``configure_xla`` must run before the first computation (``main.py`` and the scripts call it
 first thing).
-
-glibc reads ``GLIBC_TUNABLES`` only when a process starts, so ``relaunch_with_hugepage_malloc``
-re-executes the program (same interpreter, same arguments, same PID) with transparent huge pages
-enabled for malloc; entry points call it before anything else.
+``configure_host_memory`` sets how the CPU backend's memory is allocated; it must run before the
+backend starts too.
 """
 
+import ctypes
 import importlib.metadata
 import os
 import platform
-import sys
 
 # Measured on a 2-core AMD EPYC with jaxlib 0.10.2 (docs/benchmarks.md): XLA:CPU's default YNNPACK
 # path is slow for weight-gradient and large-dilation convolutions; keeping YNNPACK for everything
@@ -57,65 +55,39 @@ def configure_xla(environ: dict[str, str] | None = None) -> tuple[str, ...]:
   return added
 
 
-# XLA:CPU allocates each step's temporary buffer (about 0.5 GB for the R50 step at batch 2, 256 px)
-# with malloc, which glibc serves with a fresh mmap and unmaps after the step: ~135k 4 KiB page
-# faults and 0.3-0.5 s of kernel time per step. With glibc.malloc.hugetlb=1 malloc madvises its
-# mappings for transparent huge pages (2 MiB), which needs glibc >= 2.35 and the kernel's THP mode
-# 'madvise' ('always' already gives them; 'never' refuses). Measured on the 2-core benchmark
-# machine: ~700 faults per step and a 10% faster train step (docs/benchmarks.md).
-HUGEPAGE_TUNABLE = 'glibc.malloc.hugetlb'
-MIN_GLIBC_FOR_HUGETLB = (2, 35)
-THP_MODE_FILE = '/sys/kernel/mm/transparent_hugepage/enabled'
+
+# glibc <malloc.h> mallopt parameters.
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+# The most free memory (bytes) kept at the top of the heap; mallopt takes a C int.
+TRIM_THRESHOLD = 2**31 - 1
 
 
-def thp_mode(path: str = THP_MODE_FILE) -> str | None:
-  """Returns the kernel's transparent-huge-page mode ('always', 'madvise', 'never') or None."""
-  try:
-    with open(path) as f:
-      text = f.read()
-  except OSError:
-    return None
-  start, end = text.find('['), text.find(']')
-  return text[start + 1:end] if 0 <= start < end else None
+def configure_host_memory(environ: dict[str, str] | None = None) -> bool:
+  """Keeps the CPU train step's working memory mapped from one step to the next (glibc only).
 
-
-def hugepage_tunables(environ: dict[str, str], libc: tuple[str, str],
-                      mode: str | None) -> str | None:
-  """The ``GLIBC_TUNABLES`` value to relaunch with, or None when a relaunch would not help.
+  XLA:CPU mallocs each step's temporary buffer (~0.5 GB for the R50 step at batch 2, 256 px).
+  By default glibc serves it with a fresh mmap and unmaps it after the step, so every step pays
+  ~135k page faults and the kernel zeroing the pages again (0.3-0.5 s of system time per step on
+  the 2-core benchmark machine). Here malloc never uses mmap (``M_MMAP_MAX=0``) and keeps up to
+  2 GiB of freed heap (``M_TRIM_THRESHOLD``), and single-device CPU computations run inline on the
+  calling thread instead of a dispatch thread (``jax_cpu_enable_async_dispatch=False``), so the
+  buffer comes from the main heap and is reused (multi-device computations are dispatched
+  asynchronously as before). Measured in docs/benchmarks.md. Call it before the JAX backend
+  starts; ``AGRIVISION_DEFAULT_MALLOC=1`` disables it (for A/B measurements).
 
   Args:
-    environ: the process environment. A ``glibc.malloc.hugetlb`` entry already in
-      ``GLIBC_TUNABLES`` is the user's choice (``=0`` opts out) and is kept, so no relaunch.
-    libc: ``platform.libc_ver()``, e.g. ``('glibc', '2.36')``.
-    mode: the kernel's THP mode (``thp_mode()``); only 'madvise' needs the tunable.
+    environ: the environment to read; ``os.environ`` by default.
 
   Returns:
-    The existing tunables with ``glibc.malloc.hugetlb=1`` appended, or None.
+    Whether the settings were applied (False on a non-glibc C library or when disabled).
   """
-  name, version = libc
-  if name != 'glibc' or mode != 'madvise':
-    return None
-  try:
-    if tuple(int(part) for part in version.split('.')[:2]) < MIN_GLIBC_FOR_HUGETLB:
-      return None
-  except ValueError:
-    return None
-  current = environ.get('GLIBC_TUNABLES', '')
-  if HUGEPAGE_TUNABLE in current:
-    return None
-  return ':'.join(filter(None, [current, f'{HUGEPAGE_TUNABLE}=1']))
-
-
-def relaunch_with_hugepage_malloc() -> None:
-  """Re-executes this program with ``glibc.malloc.hugetlb=1`` when that helps; else returns.
-
-  Call it first thing in ``__main__`` (before threads or JAX start): on relaunch nothing after the
-  call runs in this process image. The relaunched process finds the tunable set and returns.
-  """
-  tunables = hugepage_tunables(os.environ, platform.libc_ver(), thp_mode())
-  if tunables is None or not getattr(sys, 'orig_argv', None):
-    return
-  os.environ['GLIBC_TUNABLES'] = tunables
-  sys.stdout.flush()
-  sys.stderr.flush()
-  os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+  environ = os.environ if environ is None else environ
+  if environ.get('AGRIVISION_DEFAULT_MALLOC') == '1' or platform.libc_ver()[0] != 'glibc':
+    return False
+  mallopt = ctypes.CDLL(None).mallopt
+  if mallopt(M_MMAP_MAX, 0) != 1 or mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) != 1:
+    raise RuntimeError('glibc mallopt rejected M_MMAP_MAX=0 or M_TRIM_THRESHOLD')
+  import jax  # pylint: disable=g-import-not-at-top (after configure_xla has set the flags)
+  jax.config.update('jax_cpu_enable_async_dispatch', False)
+  return True

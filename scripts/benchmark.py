@@ -16,10 +16,9 @@ interleaved (A, B, A, B, ...) so that load changes hit both alike, and the ratio
 JAX / PyTorch is printed. The last line is one JSON object with every figure.
 
 XLA flags are set by ``agrivision_jax.runtime.configure_xla`` before JAX starts (set
-``AGRIVISION_DEFAULT_XLA=1`` to measure XLA's defaults), and the script relaunches itself with
-huge-page malloc as ``main.py`` does (``runtime.relaunch_with_hugepage_malloc``; set
-``GLIBC_TUNABLES=glibc.malloc.hugetlb=0`` to measure without). Both peers share the process and so
-the setting.
+``AGRIVISION_DEFAULT_XLA=1`` to measure XLA's defaults), and ``runtime.configure_host_memory``
+keeps the step's host memory mapped, as ``main.py`` does (``AGRIVISION_DEFAULT_MALLOC=1`` to
+measure without). Both peers share the process, and so the malloc settings.
 """
 import os
 import sys
@@ -30,8 +29,6 @@ if REPO_ROOT not in sys.path:
 
 from agrivision_jax import runtime  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-if __name__ == '__main__':
-  runtime.relaunch_with_hugepage_malloc()
 ADDED_XLA_FLAGS = runtime.configure_xla()
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -214,6 +211,7 @@ def versions() -> dict[str, str]:
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  host_memory_configured = runtime.configure_host_memory()
   config = _CONFIG.value
   if _STEPS.value < 1:
     raise ValueError(f'--steps must be >= 1, got {_STEPS.value}')
@@ -235,7 +233,7 @@ def main(argv: list[str]) -> None:
       'backend': jax.default_backend(), 'cpu_count': os.cpu_count(),
       'machine': platform.processor() or platform.machine(), 'versions': versions(),
       'xla_flags': os.environ.get('XLA_FLAGS', ''), 'added_xla_flags': list(ADDED_XLA_FLAGS),
-      'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
+      'host_memory_configured': host_memory_configured,
       'arch': config.model.arch, 'ibn_mode': config.model.ibn_mode,
       'dtype': config.model.dtype, 'batch_size': batch_size,
       'image_size': config.data.image_size, 'steps': _STEPS.value,

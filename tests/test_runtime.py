@@ -28,38 +28,38 @@ def test_user_flags_win_and_others_are_appended(monkeypatch):
   assert runtime.configure_xla(env) == () and 'XLA_FLAGS' not in env
 
 
-def test_hugepage_tunables_only_where_they_help():
-  env = {}
-  assert runtime.hugepage_tunables(env, ('glibc', '2.36'), 'madvise') == 'glibc.malloc.hugetlb=1'
-  env = {'GLIBC_TUNABLES': 'glibc.malloc.arena_max=2'}
-  assert (runtime.hugepage_tunables(env, ('glibc', '2.35'), 'madvise') ==
-          'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1')
-  assert runtime.hugepage_tunables({}, ('glibc', '2.34'), 'madvise') is None  # no tunable yet
-  assert runtime.hugepage_tunables({}, ('glibc', '2.36'), 'always') is None  # THP already on
-  assert runtime.hugepage_tunables({}, ('glibc', '2.36'), 'never') is None
-  assert runtime.hugepage_tunables({}, ('glibc', '2.36'), None) is None
-  assert runtime.hugepage_tunables({}, ('', ''), 'madvise') is None  # musl, macOS
-  opt_out = {'GLIBC_TUNABLES': 'glibc.malloc.hugetlb=0'}
-  assert runtime.hugepage_tunables(opt_out, ('glibc', '2.36'), 'madvise') is None
+
+FAULTS_OF_REPEATED_ALLOCATIONS = """
+import resource, sys
+import numpy as np
+from agrivision_jax import runtime
+configured = runtime.configure_host_memory()
+import jax
+async_dispatch = jax.config.values['jax_cpu_enable_async_dispatch']
+np.ones(1 << 24, np.float32)  # 64 MiB: first use of the heap
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+  np.ones(1 << 24, np.float32)
+print(configured, async_dispatch, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
 
 
-def test_thp_mode_reads_the_bracketed_choice(tmp_path):
-  path = tmp_path / 'enabled'
-  path.write_text('always [madvise] never\n')
-  assert runtime.thp_mode(str(path)) == 'madvise'
-  path.write_text('[always] madvise never\n')
-  assert runtime.thp_mode(str(path)) == 'always'
-  assert runtime.thp_mode(str(tmp_path / 'missing')) is None
+def _faults(environ_update: dict[str, str]) -> tuple[str, str, int]:
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get('PYTHONPATH', ''),
+             **environ_update)
+  out = subprocess.run([sys.executable, '-c', FAULTS_OF_REPEATED_ALLOCATIONS], env=env,
+                       check=True, capture_output=True, text=True).stdout.split()
+  return out[0], out[1], int(out[2])
 
 
-def test_relaunch_keeps_arguments_and_sets_the_tunable_once():
-  code = ('import os, sys; from agrivision_jax import runtime; '
-          'print("start", flush=True); runtime.relaunch_with_hugepage_malloc(); '
-          'print(repr(sys.argv[1:]), os.environ.get("GLIBC_TUNABLES"))')
-  env = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
-  env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
-  out = subprocess.run([sys.executable, '-c', code, 'a b', '--c=1'], env=env, check=True,
-                       capture_output=True, text=True).stdout.splitlines()
-  expected = runtime.hugepage_tunables({}, platform.libc_ver(), runtime.thp_mode())
-  assert out[-1] == f"['a b', '--c=1'] {expected}"
-  assert out.count('start') == (1 if expected is None else 2)  # relaunched at most once
+def test_host_memory_is_kept_mapped_between_large_allocations():
+  if platform.libc_ver()[0] != 'glibc':
+    assert runtime.configure_host_memory({}) is False
+    return
+  default = _faults({'AGRIVISION_DEFAULT_MALLOC': '1'})
+  kept = _faults({'AGRIVISION_DEFAULT_MALLOC': '0'})
+  assert default[:2] == ('False', 'True') and kept[:2] == ('True', 'False')
+  # 5 x 64 MiB: 16384 4-KiB pages each when every allocation is a fresh mapping (fewer with
+  # transparent huge pages); the kept heap reuses the first allocation's pages.
+  assert kept[2] < 1000 < default[2] or (default[2] < 1000 and kept[2] <= default[2]), (
+      default, kept)
