@@ -135,3 +135,33 @@ def test_matmul_channels_vjp_equals_einsum(dtype):
                              rtol=tol, atol=tol)
   np.testing.assert_allclose(np.asarray(dw, np.float64), np.einsum('bhwc,bhwo->co', x64, dy64),
                              rtol=tol, atol=tol * 4)
+
+
+@pytest.mark.parametrize('padding, dilation', [(((1, 1), (1, 1)), (1, 1)),
+                                               (((2, 0), (1, 2)), (2, 1))])
+def test_tap_weight_gradient_equals_brute_force(padding, dilation):
+  rng = np.random.default_rng(11)
+  x = rng.standard_normal((2, 6, 5, 3)).astype(np.float32)
+  w = rng.standard_normal((3, 3, 3, 4)).astype(np.float32)
+  out, vjp = jax.vjp(lambda x, w: conv.conv_tap_weight_gradient(x, w, padding, dilation), x, w)
+  dy = rng.standard_normal(out.shape).astype(np.float32)
+  dx, dw = vjp(dy)
+  # d kernel[i, j, c, o] = sum over outputs (b, r, s) of x[b, r + i*dh - top, s + j*dw - left, c]
+  # * dy[b, r, s, o], reading zero outside the input.
+  (top, _), (left, _) = padding
+  expected = np.zeros(w.shape, np.float64)
+  for i in range(3):
+    for j in range(3):
+      for r in range(out.shape[1]):
+        for s in range(out.shape[2]):
+          row, col = r + i * dilation[0] - top, s + j * dilation[1] - left
+          if 0 <= row < x.shape[1] and 0 <= col < x.shape[2]:
+            expected[i, j] += np.einsum('bc,bo->co', x[:, row, col], dy[:, r, s])
+  np.testing.assert_allclose(dw, expected, rtol=1e-5, atol=1e-5)
+  reference = lambda x: lax.conv_general_dilated(x, w, (1, 1), padding, rhs_dilation=dilation,
+                                                 dimension_numbers=DIMENSION_NUMBERS)
+  ref_out, ref_vjp = jax.vjp(reference, x)
+  np.testing.assert_allclose(out, ref_out, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(dx, ref_vjp(dy)[0], rtol=1e-6, atol=1e-6)
+  backward = jax.jit(lambda x, w: vjp(dy)).lower(x, w).as_text()
+  assert backward.count('stablehlo.convolution') == 1  # d inputs only; d kernel is 9 dot_generals
