@@ -16,8 +16,8 @@ import platform
 # Measured on a 2-core AMD EPYC with jaxlib 0.10.2 (docs/benchmarks.md): XLA:CPU's default YNNPACK
 # path is slow for weight-gradient and large-dilation convolutions; keeping YNNPACK for everything
 # but individual convolutions (those go to Eigen) takes the DeepLabV3+ IBN-s R50 train step
-# (batch 2, 256 px; fastest steps of two loaded runs) from 2.52 s to 1.95 s. Also routing dots away from YNNPACK
-# ('-individual_dot') or convolutions to XNNPACK measured slower.
+# (batch 2, 256 px; fastest steps of two loaded runs) from 2.52 s to 1.95 s. Also routing dots
+# away from YNNPACK ('-individual_dot') or convolutions to XNNPACK measured slower.
 CPU_FLAGS_BY_JAXLIB = {
     '0.10.': ('--xla_cpu_experimental_ynn_fusion_type=-individual_convolution',),
 }

@@ -137,28 +137,31 @@ def test_matmul_channels_vjp_equals_einsum(dtype):
                              rtol=tol, atol=tol * 4)
 
 
-@pytest.mark.parametrize('padding, dilation', [(((1, 1), (1, 1)), (1, 1)),
-                                               (((2, 0), (1, 2)), (2, 1))])
-def test_tap_weight_gradient_equals_brute_force(padding, dilation):
+@pytest.mark.parametrize('strides, padding, dilation', [((1, 1), ((1, 1), (1, 1)), (1, 1)),
+                                                        ((1, 1), ((2, 0), (1, 2)), (2, 1)),
+                                                        ((2, 3), ((1, 1), (2, 1)), (1, 1))])
+def test_tap_weight_gradient_equals_brute_force(strides, padding, dilation):
   rng = np.random.default_rng(11)
   x = rng.standard_normal((2, 6, 5, 3)).astype(np.float32)
   w = rng.standard_normal((3, 3, 3, 4)).astype(np.float32)
-  out, vjp = jax.vjp(lambda x, w: conv.conv_tap_weight_gradient(x, w, padding, dilation), x, w)
+  out, vjp = jax.vjp(
+      lambda x, w: conv.conv_tap_weight_gradient(x, w, strides, padding, dilation), x, w)
   dy = rng.standard_normal(out.shape).astype(np.float32)
   dx, dw = vjp(dy)
-  # d kernel[i, j, c, o] = sum over outputs (b, r, s) of x[b, r + i*dh - top, s + j*dw - left, c]
-  # * dy[b, r, s, o], reading zero outside the input.
+  # d kernel[i, j, c, o] = sum over outputs (b, r, s) of
+  # x[b, r*sh + i*dh - top, s*sw + j*dw - left, c] * dy[b, r, s, o], reading zero outside x.
   (top, _), (left, _) = padding
   expected = np.zeros(w.shape, np.float64)
   for i in range(3):
     for j in range(3):
       for r in range(out.shape[1]):
         for s in range(out.shape[2]):
-          row, col = r + i * dilation[0] - top, s + j * dilation[1] - left
+          row = r * strides[0] + i * dilation[0] - top
+          col = s * strides[1] + j * dilation[1] - left
           if 0 <= row < x.shape[1] and 0 <= col < x.shape[2]:
             expected[i, j] += np.einsum('bc,bo->co', x[:, row, col], dy[:, r, s])
   np.testing.assert_allclose(dw, expected, rtol=1e-5, atol=1e-5)
-  reference = lambda x: lax.conv_general_dilated(x, w, (1, 1), padding, rhs_dilation=dilation,
+  reference = lambda x: lax.conv_general_dilated(x, w, strides, padding, rhs_dilation=dilation,
                                                  dimension_numbers=DIMENSION_NUMBERS)
   ref_out, ref_vjp = jax.vjp(reference, x)
   np.testing.assert_allclose(out, ref_out, rtol=1e-6, atol=1e-6)

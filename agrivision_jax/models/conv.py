@@ -11,8 +11,8 @@ slow and the result is the same:
   over the output rectangle where that tap reads the input, summed: no work on padding;
 * 1x1 convolutions without padding become a strided slice and a matmul, whose weight gradient
   is a GEMM over batch x pixels instead of a convolution over transposed activations;
-* the other stride-1 convolutions stay XLA convolutions, but their weight gradient is one GEMM
-  per kernel tap (input window^T @ dy) instead of a convolution over transposed activations.
+* the other convolutions stay XLA convolutions, but their weight gradient is one GEMM per
+  kernel tap (input window^T @ dy) instead of a convolution over transposed activations.
 
 The matmuls over channels (``matmul_channels``) have their own VJP: autodiff's weight gradient
 of ``dot_general`` contracts (dy^T x) and transposes the small result, which XLA:CPU lays out as a
@@ -29,7 +29,6 @@ from jax import lax
 # Measured on XLA:CPU (docs/benchmarks.md): the per-tap split is faster from about this fraction of
 # padded reads on; below it the direct convolution wins.
 REGION_SPLIT_PADDING_FRACTION = 0.3
-TAP_WEIGHT_GRADIENT = True
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 
@@ -101,33 +100,35 @@ def _matmul_channels_bwd(precision: Any, residuals: tuple[jax.Array, jax.Array],
 matmul_channels.defvjp(_matmul_channels_fwd, _matmul_channels_bwd)
 
 
-def _lax_conv(inputs: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int], ...],
-              dilation: tuple[int, ...], precision: Any) -> jax.Array:
-  return lax.conv_general_dilated(inputs, kernel, (1, 1), padding, rhs_dilation=dilation,
+def _lax_conv(inputs: jax.Array, kernel: jax.Array, strides: tuple[int, ...],
+              padding: tuple[tuple[int, int], ...], dilation: tuple[int, ...],
+              precision: Any) -> jax.Array:
+  return lax.conv_general_dilated(inputs, kernel, strides, padding, rhs_dilation=dilation,
                                   dimension_numbers=_NHWC, precision=precision)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def conv_tap_weight_gradient(inputs: jax.Array, kernel: jax.Array,
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def conv_tap_weight_gradient(inputs: jax.Array, kernel: jax.Array, strides: tuple[int, ...],
                              padding: tuple[tuple[int, int], ...], dilation: tuple[int, ...],
                              precision: Any = None) -> jax.Array:
-  """Stride-1 ``lax.conv_general_dilated`` (NHWC, HWIO) whose weight gradient is per-tap GEMMs.
+  """``lax.conv_general_dilated`` (NHWC, HWIO) whose weight gradient is per-tap GEMMs.
 
   d inputs is autodiff's (a convolution of dy with the flipped kernel); d kernel[i, j] is the
-  input window read by tap (i, j), flattened over batch and pixels and transposed, times dy:
-  (Cin, B*Ho*Wo) @ (B*Ho*Wo, Cout). 10-30 % faster than XLA:CPU's weight-gradient convolution at
-  the ResNet and decoder shapes (docs/benchmarks.md).
+  (strided) input window read by tap (i, j), flattened over batch and pixels and transposed,
+  times dy: (Cin, B*Ho*Wo) @ (B*Ho*Wo, Cout). 10-40 % faster than XLA:CPU's weight-gradient
+  convolution at the ResNet, stem and decoder shapes (docs/benchmarks.md).
   """
-  return _lax_conv(inputs, kernel, padding, dilation, precision)
+  return _lax_conv(inputs, kernel, strides, padding, dilation, precision)
 
 
-def _conv_tap_weight_gradient_fwd(inputs, kernel, padding, dilation, precision):
-  return _lax_conv(inputs, kernel, padding, dilation, precision), (inputs, kernel)
+def _conv_tap_weight_gradient_fwd(inputs, kernel, strides, padding, dilation, precision):
+  return _lax_conv(inputs, kernel, strides, padding, dilation, precision), (inputs, kernel)
 
 
-def _conv_tap_weight_gradient_bwd(padding, dilation, precision, residuals, d_out):
+def _conv_tap_weight_gradient_bwd(strides, padding, dilation, precision, residuals, d_out):
   inputs, kernel = residuals
-  _, input_vjp = jax.vjp(lambda x: _lax_conv(x, kernel, padding, dilation, precision), inputs)
+  _, input_vjp = jax.vjp(
+      lambda x: _lax_conv(x, kernel, strides, padding, dilation, precision), inputs)
   (d_inputs,) = input_vjp(d_out)
   kh, kw, cin, cout = kernel.shape
   out_h, out_w = d_out.shape[1:3]
@@ -137,8 +138,9 @@ def _conv_tap_weight_gradient_bwd(padding, dilation, precision, residuals, d_out
   taps = []
   for i in range(kh):
     for j in range(kw):
-      window = padded[:, i * dilation[0]:i * dilation[0] + out_h,
-                      j * dilation[1]:j * dilation[1] + out_w, :]
+      row, col = i * dilation[0], j * dilation[1]
+      window = padded[:, row:row + (out_h - 1) * strides[0] + 1:strides[0],
+                      col:col + (out_w - 1) * strides[1] + 1:strides[1], :]
       taps.append(lax.dot_general(window.reshape(-1, cin).T, d_out_flat, (((1,), (0,)), ((), ())),
                                   precision=precision))
   return d_inputs, jnp.stack(taps).reshape(kernel.shape)
@@ -215,8 +217,5 @@ def conv_general_dilated(inputs: jax.Array, kernel: jax.Array, window_strides: S
       and padding_fraction(inputs.shape[1:3], kernel.shape[:2], dilation, padding)
       >= REGION_SPLIT_PADDING_FRACTION):
     return _conv_by_tap_regions(inputs, kernel, padding, dilation, precision)
-  if TAP_WEIGHT_GRADIENT and tuple(window_strides) == (1, 1):
-    return conv_tap_weight_gradient(inputs, kernel, tuple(padding), dilation, precision)
-  return lax.conv_general_dilated(inputs, kernel, window_strides, padding,
-                                  rhs_dilation=dilation, dimension_numbers=nhwc,
-                                  precision=precision)
+  return conv_tap_weight_gradient(inputs, kernel, tuple(window_strides), tuple(padding),
+                                  dilation, precision)
