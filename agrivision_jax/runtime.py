@@ -4,6 +4,7 @@ XLA reads ``XLA_FLAGS`` once, when the first backend is created, and aborts on a
 know. So the flags below are keyed by the jaxlib release they were measured on, and applied only
 there; ``configure_xla`` must run before the first computation (``main.py`` and the scripts call it
 first thing).
+
 ``configure_host_memory`` sets how the CPU backend's memory is allocated; it must run before the
 backend starts too.
 """
@@ -53,7 +54,6 @@ def configure_xla(environ: dict[str, str] | None = None) -> tuple[str, ...]:
   if added:
     environ['XLA_FLAGS'] = ' '.join([current, *added]).strip()
   return added
-
 
 
 # glibc <malloc.h> mallopt parameters.
