@@ -72,6 +72,15 @@ def padding_fraction(shape: Sequence[int], kernel: Sequence[int], dilation: Sequ
   return 1.0 - reads / total
 
 
+def _channel_weight_gradient(inputs: jax.Array, d_out: jax.Array, precision: Any) -> jax.Array:
+  """(..., Cin), (..., Cout) -> (Cin, Cout): inputs^T @ d_out over all leading axes, with the
+  inputs transposed first (XLA:CPU would otherwise copy the larger d_out into a transposed
+  layout)."""
+  return lax.dot_general(inputs.reshape(-1, inputs.shape[-1]).T,
+                         d_out.reshape(-1, d_out.shape[-1]), (((1,), (0,)), ((), ())),
+                         precision=precision)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def matmul_channels(inputs: jax.Array, kernel: jax.Array, precision: Any = None) -> jax.Array:
   """(..., Cin) @ (Cin, Cout) -> (..., Cout), as ``lax.dot_general`` over the last axis.
@@ -91,10 +100,7 @@ def _matmul_channels_bwd(precision: Any, residuals: tuple[jax.Array, jax.Array],
   inputs, kernel = residuals
   d_inputs = lax.dot_general(d_out, kernel, (((d_out.ndim - 1,), (1,)), ((), ())),
                              precision=precision)
-  inputs_t = inputs.reshape(-1, inputs.shape[-1]).T
-  d_kernel = lax.dot_general(inputs_t, d_out.reshape(-1, d_out.shape[-1]),
-                             (((1,), (0,)), ((), ())), precision=precision)
-  return d_inputs, d_kernel
+  return d_inputs, _channel_weight_gradient(inputs, d_out, precision)
 
 
 matmul_channels.defvjp(_matmul_channels_fwd, _matmul_channels_bwd)
@@ -130,19 +136,17 @@ def _conv_tap_weight_gradient_bwd(strides, padding, dilation, precision, residua
   _, input_vjp = jax.vjp(
       lambda x: _lax_conv(x, kernel, strides, padding, dilation, precision), inputs)
   (d_inputs,) = input_vjp(d_out)
-  kh, kw, cin, cout = kernel.shape
+  kh, kw = kernel.shape[:2]
   out_h, out_w = d_out.shape[1:3]
   padded = lax.pad(inputs, jnp.zeros((), inputs.dtype),
                    [(0, 0, 0), (*padding[0], 0), (*padding[1], 0), (0, 0, 0)])
-  d_out_flat = d_out.reshape(-1, cout)
   taps = []
   for i in range(kh):
     for j in range(kw):
       row, col = i * dilation[0], j * dilation[1]
       window = padded[:, row:row + (out_h - 1) * strides[0] + 1:strides[0],
                       col:col + (out_w - 1) * strides[1] + 1:strides[1], :]
-      taps.append(lax.dot_general(window.reshape(-1, cin).T, d_out_flat, (((1,), (0,)), ((), ())),
-                                  precision=precision))
+      taps.append(_channel_weight_gradient(window, d_out, precision))
   return d_inputs, jnp.stack(taps).reshape(kernel.shape)
 
 
