@@ -1,19 +1,13 @@
 """DeepLabV3+ on IBN-Net-a (Table 2 rows IBN-Net50/101-a; Table 3 grid on IBN-Net101-a).
 
-Variants (configs/default.py): depth=50|101 (default 101), loss=bce|bce_dice|bce_lovasz|hybrid
+Variants (agrivision_jax/configs/common.py): depth=50|101 (default 101), loss=bce|bce_dice|bce_lovasz|hybrid
 (default bce_dice), modality=nrgb|rgb|nir, demo. Example:
 `python -m agrivision_jax.main --config=configs/ibn_a.py:depth=50 --workdir=workdirs/ibn50_a`
 """
 
-import importlib.util
-import pathlib
-
-_SPEC = importlib.util.spec_from_file_location(
-    'agrivision_configs_default', pathlib.Path(__file__).with_name('default.py'))
-default = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(default)
+from agrivision_jax.configs import common
 
 
 def get_config(arg=None):
-  """Returns the IBN-a DeepLabV3+ config with the variants in `arg` applied."""
-  return default.get_config(arg, ibn_mode='a', default_loss='bce_dice')
+  """Returns the config of this row with the variants in `arg` applied."""
+  return common.get_config(arg, ibn_mode='a', default_loss='bce_dice')
