@@ -138,3 +138,33 @@ class ConfusionMetric:
     result = {'miou': miou}
     result.update({f'iou/{name}': float(iou) for name, iou in zip(self.class_names, per_class)})
     return result
+
+
+def batch_counts(logits: jax.Array, labels: jax.Array, valid: jax.Array) -> dict[str, jax.Array]:
+  """Every validation count of one batch (jit-able); sum them over batches, then ``compute``.
+
+  Args:
+    logits: (B, H, W, C) per-class scores.
+    labels: (B, H, W, C) multi-hot targets.
+    valid: (B, H, W) bool.
+
+  Returns:
+    {'confusion': (C, C) int32 official confusion matrix}.
+  """
+  return {'confusion': confusion_matrix(logits, labels, valid)}
+
+
+class SegmentationMetric:
+  """Host accumulator of ``batch_counts`` (int64); ``compute`` gives every validation metric."""
+
+  def __init__(self, class_names: Sequence[str]):
+    self._confusion = ConfusionMetric(len(class_names), class_names)
+
+  def update(self, counts: dict[str, Any]) -> 'SegmentationMetric':
+    """Adds one ``batch_counts`` result (leading axes, e.g. stacked steps, are summed)."""
+    self._confusion.update(counts['confusion'])
+    return self
+
+  def compute(self) -> dict[str, float]:
+    """{'miou', 'iou/<class name>'}: NaN for a class never predicted nor labelled."""
+    return self._confusion.compute()

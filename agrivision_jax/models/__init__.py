@@ -20,7 +20,7 @@ from agrivision_jax.models.resnet import ARCH_LAYERS, IBN_MODES, ResNet, layer_n
 __all__ = [
     'BatchNorm', 'DeepLabV3Plus', 'IBN', 'InstanceNorm', 'ResNet', 'SwitchableNorm',
     'backbone_layer_names', 'capture_layer_outputs', 'create_model', 'init_variables',
-    'resize_bilinear_align_corners',
+    'resize_bilinear_align_corners', 'resolve_conv_impl',
 ]
 
 Array = jax.Array
@@ -56,6 +56,23 @@ def _field(model_config: Mapping[str, Any], name: str, default: Any = None) -> A
 
 def _is_int(value: Any) -> bool:
   return isinstance(value, int) and not isinstance(value, bool)
+
+
+CONV_IMPLS = ('auto', 'xla', 'cpu_gemm')
+
+
+def resolve_conv_impl(conv_impl: str, backend: str | None = None) -> str:
+  """'auto' -> 'cpu_gemm' on the CPU backend and 'xla' on every other; others unchanged.
+
+  Args:
+    conv_impl: ``config.model.conv_impl``.
+    backend: ``jax.default_backend()`` when None.
+  """
+  if conv_impl not in CONV_IMPLS:
+    raise ValueError(f'config.model.conv_impl must be one of {CONV_IMPLS}, got {conv_impl!r}')
+  if conv_impl != 'auto':
+    return conv_impl
+  return 'cpu_gemm' if (backend or jax.default_backend()) == 'cpu' else 'xla'
 
 
 def create_model(model_config: Mapping[str, Any]) -> nn.Module:
