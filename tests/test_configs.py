@@ -282,7 +282,8 @@ def test_bad_variants_name_themselves(arg, message):
     ('data.image_size', 100, "config.data.image_size (100) must be a multiple of"),
     ('data.image_size', 0, "config.data.image_size must be a positive int, got 0"),
     ('data.version', '2019', "config.data.version must be one of ['2020', '2021']"),
-    ('data.source', 'folder', "config.data.source must be one of ['synthetic', 'directory', 'tfds']"),
+    ('data.source', 'folder', "config.data.source must be one of ['synthetic', 'directory', "
+                              "'tfds']"),
     ('data.modality', 'rgbn', "config.data.modality must be one of ['nrgb', 'rgb', 'nir']"),
     ('data.on_bad_example', 'ignore', "config.data.on_bad_example must be one of"),
     ('data.num_workers', -1, "config.data.num_workers must be an int >= 0"),

@@ -12,7 +12,8 @@ Eval: finite; process p takes examples p, p + P, ...; every process yields the s
 batches, the last one padded with all-invalid examples (valid False, labels 0, id '').
 
 Batches: image float32 (b, H, W, Cin) normalised, labels uint8 (b, H, W, C) 0/1 (zero where
-not valid, as in the authors' code; a quarter of float32's bytes on the host-to-device path), valid bool (b, H, W); eval batches add id (b,) str.
+not valid, as in the authors' code; a quarter of float32's bytes on the host-to-device path),
+valid bool (b, H, W); eval batches add id (b,) str.
 """
 from __future__ import annotations
 
