@@ -351,6 +351,17 @@ def test_validate_accepts_the_allowed_values(field, value):
   configuration.validate(config, device_count=8)
 
 
+def test_batches_must_divide_over_processes():
+  config = load_config('ibn_s', 'demo')
+  config.data.batch_size = 6
+  with pytest.raises(ValueError, match=re.escape(
+      'config.data.batch_size (6) must be divisible by the number of processes (4)')):
+    configuration.validate(config, device_count=2, process_count=4)
+  with pytest.raises(ValueError, match=re.escape(
+      'config.data.eval_batch_size (8) must be divisible by the number of processes (3)')):
+    configuration.validate(config, device_count=1, process_count=3)
+
+
 def test_groups_must_not_straddle_devices():
   config = load_config('ibn_s', 'demo')
   config.data.batch_size = 48  # 6 images per device on 8 devices
