@@ -1,56 +1,51 @@
-"""Up-front checks of a whole experiment config, so bad values fail before any compute."""
+"""The experiment config contract: one table of rules (``RULES``), checked before any compute.
 
+``validate`` is the only place a config is checked: every field of
+``agrivision_jax/configs/common.py`` has one rule here (allowed values or type and range), a
+field that is not in the table is refused, and the checks that join several fields follow. The
+model's input channels and class count are not config fields: ``in_channels(config)`` and
+``num_classes(config)`` derive them from ``data.modality`` and ``data.version``.
+"""
+
+import dataclasses
 import os
 from collections.abc import Callable
 from typing import Any
 
 import ml_collections
 
-IN_CHANNELS_BY_MODALITY = {'nrgb': 4, 'rgb': 3, 'nir': 3}
-NUM_CLASSES_BY_VERSION = {'2020': 7, '2021': 9}
-_CHOICES = {
-    'model.arch': ('resnet50', 'resnet101'),
-    'model.ibn_mode': ('none', 'a', 'b', 's', 'ab'),
-    'model.output_stride': (8, 16, 32),
-    'model.in_channels': (3, 4),
-    'model.num_classes': (7, 9),
-    'model.num_low_level_features': (1, 3),
-    'model.dtype': ('float32', 'bfloat16'),
-    'data.source': ('synthetic', 'directory', 'tfds'),
-    'data.version': ('2020', '2021'),
-    'data.modality': ('nrgb', 'rgb', 'nir'),
-    'data.on_bad_example': ('error', 'skip'),
+from agrivision_jax import tta
+from agrivision_jax.data import layout
+from agrivision_jax.data import pipeline
+from agrivision_jax.data import sources
+from agrivision_jax.models import CONV_IMPLS
+from agrivision_jax.models import DTYPES
+from agrivision_jax.models.resnet import ARCH_LAYERS
+from agrivision_jax.models.resnet import IBN_MODES
+from agrivision_jax.models.resnet import NUM_MULTI_GRID_BLOCKS
+
+DIVERGENCE_PAIRINGS = ('replicate', 'zero')
+DIVERGENCE_POOLINGS = ('image', 'batch')
+RESTORE_WORDS = ('latest', 'best')
+BANDS = 'RGBN'
+SCRATCH = 'scratch'
+# ImageNet weights each row starts from: (ibn_mode, depth) -> file name. torchvision for plain
+# ResNets; IBN-Net (XingangPan/IBN-Net releases) for the others; IBN-s and IBN-ab load IBN-a's
+# and keep the parameters IBN-a lacks (SN mixing weights, IN after the add) fresh.
+IMAGENET_WEIGHTS = {
+    ('none', '50'): 'resnet50-19c8e357.pth', ('none', '101'): 'resnet101-5d3b4d8f.pth',
+    **{(mode, depth): f'resnet{depth}_ibn_a.pth' for mode in ('a', 's', 'ab')
+       for depth in ('50', '101')},
+    ('b', '50'): 'resnet50_ibn_b.pth', ('b', '101'): 'resnet101_ibn_b.pth',
 }
-_POSITIVE_INTS = (
-    'model.width', 'model.aspp_channels', 'model.decoder_channels',
-    'model.low_level_channels', 'data.image_size', 'data.batch_size', 'data.eval_batch_size',
-    'optim.decay_steps', 'num_train_steps', 'log_every_steps', 'eval_every_steps',
-    'checkpoint_every_steps', 'max_checkpoints_to_keep')
-_NON_NEGATIVE_INTS = ('data.num_workers', 'optim.warmup_steps', 'optim.constant_steps')
-_NON_NEGATIVE_FLOATS = ('loss.lambda_dice', 'loss.lambda_lovasz', 'optim.weight_decay')
-_BOOLS = ('loss.lovasz_per_image', 'loss.dice_per_class', 'loss.bce_over_all_pixels',
-          'data.augment.shift_scale_rotate', 'data.augment.hflip', 'data.augment.vflip',
-          'data.augment.rot90', 'distributed')
+_ROW_FILES = {'none': 'resnet', 'a': 'ibn_a', 'b': 'ibn_b', 's': 'ibn_s', 'ab': 'ibn_a'}
 
 
-def _get(config: ml_collections.ConfigDict, field: str) -> Any:
-  value = config
-  for part in field.split('.'):
-    if part not in value:
-      raise ValueError(f'config.{field} is missing')
-    value = value[part]
-  return value
-
-
-def _check(condition: bool, field: str, message: str) -> None:
-  if not condition:
-    raise ValueError(f'config.{field} {message}')
-
-
-def _check_each(config, fields: tuple[str, ...], test: Callable[[Any], bool], what: str) -> None:
-  for field in fields:
-    value = _get(config, field)
-    _check(test(value), field, f'must be {what}, got {value!r}')
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """What one field accepts: ``test(value)`` and the words naming it in the error."""
+  test: Callable[[Any], bool]
+  allowed: str
 
 
 def _is_int(value: Any) -> bool:
@@ -61,68 +56,259 @@ def _is_number(value: Any) -> bool:
   return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def choice(values: tuple) -> Rule:
+  """One of ``values``, of the same type (so True is not 1 and '16' is not 16)."""
+  return Rule(lambda v: any(v == c and type(v) is type(c) for c in values),
+              f'one of {list(values)}')
+
+
+def int_at_least(low: int) -> Rule:
+  return Rule(lambda v: _is_int(v) and v >= low,
+              'a positive int' if low == 1 else f'an int >= {low}')
+
+
+def number_at_least(low: float, strict: bool = False) -> Rule:
+  return Rule(lambda v: _is_number(v) and (v > low if strict else v >= low),
+              f"a number {'>' if strict else '>='} {low:g}")
+
+
+BOOL = Rule(lambda v: isinstance(v, bool), 'True or False')
+STRING = Rule(lambda v: isinstance(v, str), 'a string')
+POSITIVE_INT = int_at_least(1)
+NON_NEGATIVE_INT = int_at_least(0)
+SPLIT = choice(layout.SPLITS)
+TTA = choice(tta.TTA_MODES)
+
+RULES: dict[str, Rule] = {
+    'seed': Rule(lambda v: _is_int(v) and 0 <= v < 2**32, 'an int in [0, 2**32)'),
+    'model.arch': choice(tuple(ARCH_LAYERS)),
+    'model.ibn_mode': choice(IBN_MODES),
+    'model.output_stride': choice((8, 16, 32)),
+    'model.multi_grid': Rule(
+        lambda v: isinstance(v, (tuple, list)) and len(v) in (0, NUM_MULTI_GRID_BLOCKS)
+        and all(_is_int(g) and g > 0 for g in v),
+        f'() (off) or {NUM_MULTI_GRID_BLOCKS} positive ints such as (1, 2, 4)'),
+    'model.num_low_level_features': choice((1, 3)),
+    'model.dtype': choice(tuple(DTYPES)),
+    'model.width': POSITIVE_INT,
+    'model.aspp_channels': POSITIVE_INT,
+    'model.decoder_channels': POSITIVE_INT,
+    'model.low_level_channels': POSITIVE_INT,
+    'model.conv_impl': choice(CONV_IMPLS),
+    'model.sn_group_size': NON_NEGATIVE_INT,
+    'data.source': choice(sources.SOURCES),
+    'data.data_dir': STRING,
+    'data.version': choice(tuple(layout.CLASS_NAMES)),
+    'data.modality': choice(tuple(pipeline.MODALITIES)),
+    'data.image_size': POSITIVE_INT,
+    'data.batch_size': POSITIVE_INT,
+    'data.eval_batch_size': POSITIVE_INT,
+    'data.num_workers': NON_NEGATIVE_INT,
+    'data.on_bad_example': choice(layout.BAD_EXAMPLE_POLICIES),
+    'data.augment.shift_scale_aspect': BOOL,
+    'data.augment.hflip': BOOL,
+    'data.augment.vflip': BOOL,
+    'data.augment.rot90': BOOL,
+    'data.synthetic.num_train': POSITIVE_INT,
+    'data.synthetic.num_val': POSITIVE_INT,
+    'data.synthetic.num_test': POSITIVE_INT,
+    'data.synthetic.size': int_at_least(16),
+    'data.synthetic.seed': NON_NEGATIVE_INT,
+    'loss.lambda_dice': number_at_least(0),
+    'loss.lambda_lovasz': number_at_least(0),
+    'loss.lovasz_per_image': BOOL,
+    'loss.dice_per_class': BOOL,
+    'loss.bce_over_all_pixels': BOOL,
+    'loss.group_size': NON_NEGATIVE_INT,
+    'optim.learning_rate': number_at_least(0, strict=True),
+    'optim.momentum': Rule(lambda v: _is_number(v) and 0 <= v < 1, 'a number in [0, 1)'),
+    'optim.weight_decay': number_at_least(0),
+    'optim.warmup_steps': NON_NEGATIVE_INT,
+    'optim.constant_steps': NON_NEGATIVE_INT,
+    'optim.decay_steps': POSITIVE_INT,
+    'optim.power': number_at_least(0, strict=True),
+    'num_train_steps': POSITIVE_INT,
+    'log_every_steps': POSITIVE_INT,
+    'eval_every_steps': POSITIVE_INT,
+    'checkpoint_every_steps': POSITIVE_INT,
+    'max_checkpoints_to_keep': POSITIVE_INT,
+    'init_from': Rule(lambda v: isinstance(v, str),
+                      f"a converted weights directory, '{SCRATCH}' or empty"),
+    'restore': Rule(lambda v: v in RESTORE_WORDS if isinstance(v, str) else
+                    (_is_int(v) and v >= 0), f'{list(RESTORE_WORDS)} or a step (int >= 0)'),
+    'distributed': BOOL,
+    'divergence.split': SPLIT,
+    'divergence.num_images': NON_NEGATIVE_INT,
+    'divergence.batch_size': POSITIVE_INT,
+    'divergence.valid_only': BOOL,
+    'divergence.random_init': BOOL,
+    'divergence.pairing': choice(DIVERGENCE_PAIRINGS),
+    'divergence.var_floor': number_at_least(0),
+    'divergence.pooling': choice(DIVERGENCE_POOLINGS),
+    'predict.split': SPLIT,
+    'predict.tta': TTA,
+    'predict.num_overlays': NON_NEGATIVE_INT,
+    'predict.batch_size': POSITIVE_INT,
+    'field.inputs': STRING,
+    'field.output_dir': STRING,
+    'field.band_order': Rule(lambda v: isinstance(v, str) and sorted(v) == sorted(BANDS),
+                             f"the 4 letters {BANDS} in the files' band order, e.g. 'NRGB'"),
+    'field.overlap': NON_NEGATIVE_INT,
+    'field.tta': TTA,
+    'field.batch_size': POSITIVE_INT,
+    'field.nodata': Rule(_is_number, 'a number'),
+    'field.preview_size': POSITIVE_INT,
+}
+_REMOVED = {
+    'model.in_channels': 'the input channels follow config.data.modality (nrgb 4, rgb 3, nir 3)',
+    'model.num_classes': 'the class count follows config.data.version (2020: 7, 2021: 9)',
+    'data.augment.shift_scale_rotate': 'renamed config.data.augment.shift_scale_aspect',
+}
+
+
+def in_channels(config: ml_collections.ConfigDict) -> int:
+  """Image channels the model reads: 4 for data.modality 'nrgb', 3 for 'rgb' and 'nir'."""
+  return len(pipeline.MODALITIES[config.data.modality])
+
+
+def num_classes(config: ml_collections.ConfigDict) -> int:
+  """Classes (background included) of data.version: 7 for '2020', 9 for '2021'."""
+  return len(layout.class_names(config.data.version))
+
+
+def depth(config: ml_collections.ConfigDict) -> str:
+  """'50' or '101' from config.model.arch."""
+  return config.model.arch.removeprefix('resnet')
+
+
+def imagenet_weights(config: ml_collections.ConfigDict) -> str:
+  """File name of the ImageNet weights the row of ``config`` starts from.
+
+  torchvision ``resnet50-19c8e357.pth`` / ``resnet101-5d3b4d8f.pth`` for ibn_mode 'none';
+  IBN-Net ``resnet{50,101}_ibn_a.pth`` for 'a', 's' and 'ab'; ``resnet{50,101}_ibn_b.pth``
+  for 'b'.
+  """
+  return IMAGENET_WEIGHTS[(config.model.ibn_mode, depth(config))]
+
+
+def convert_command(config: ml_collections.ConfigDict) -> str:
+  """The scripts/convert_torch_weights.py command that makes ``init_from`` for this row."""
+  variants = f'depth={depth(config)}'
+  if config.data.modality != 'nrgb':
+    variants += f',modality={config.data.modality}'
+  override = ' --config.model.ibn_mode=ab' if config.model.ibn_mode == 'ab' else ''
+  return (f'python scripts/convert_torch_weights.py '
+          f'--config=configs/{_ROW_FILES[config.model.ibn_mode]}.py:{variants}{override} '
+          f'--input={imagenet_weights(config)} --output=<dir>')
+
+
+def _fail(field: str, message: str) -> None:
+  raise ValueError(f'config.{field} {message}')
+
+
+def _check(condition: bool, field: str, message: str) -> None:
+  if not condition:
+    _fail(field, message)
+
+
+def _leaves(config: ml_collections.ConfigDict, prefix: str = '') -> list[str]:
+  names = []
+  for key, value in config.items():
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      names += _leaves(value, f'{prefix}{key}.')
+    else:
+      names.append(f'{prefix}{key}')
+  return names
+
+
+def _get(config: ml_collections.ConfigDict, field: str) -> Any:
+  value = config
+  for part in field.split('.'):
+    if not isinstance(value, (ml_collections.ConfigDict, dict)) or part not in value:
+      raise ValueError(f'config.{field} is missing')
+    value = value[part]
+  return value
+
+
+def _check_fields(config: ml_collections.ConfigDict) -> None:
+  """Every rule's field is present and allowed; no field lies outside the table."""
+  for field in _leaves(config):
+    if field not in RULES:
+      reason = _REMOVED.get(field, 'not a field of the config (agrivision_jax/configs/common.py)')
+      raise ValueError(f'config.{field} is unknown: {reason}')
+  for field, rule in RULES.items():
+    value = _get(config, field)
+    _check(rule.test(value), field, f'must be {rule.allowed}, got {value!r}')
+
+
+def _check_group(config, field: str, batch_fields: tuple[str, ...], device_count: int) -> None:
+  """A group of ``size`` images (0 = the global batch) tiles each batch without straddling a
+  device: it divides the batch, and it divides or is a multiple of the per-device batch."""
+  size = _get(config, field)
+  if size == 0:
+    return
+  for batch_field in batch_fields:
+    batch = _get(config, batch_field)
+    per_device = batch // device_count
+    _check(batch % size == 0 and (per_device % size == 0 or size % per_device == 0), field,
+           f'({size}) must divide config.{batch_field} ({batch}) into whole groups that do not '
+           f'straddle a device ({per_device} images per device on {device_count} devices); '
+           '0 = the whole batch')
+
+
 def validate(config: ml_collections.ConfigDict, device_count: int = 1,
              process_count: int = 1) -> None:
-  """Checks every field of the contract and their combinations.
+  """Checks every field of the contract (``RULES``) and their combinations.
 
   Args:
-    config: the experiment config (configs/default.py).
+    config: the experiment config (``agrivision_jax.configs.common.get_config``).
     device_count: devices the global batch is sharded over (``jax.device_count()``).
     process_count: processes that each load ``batch_size // process_count`` examples.
 
   Raises:
-    ValueError: naming the first bad field (or pair of fields) and the allowed values.
+    ValueError: naming the first bad, missing or unknown field (or pair of fields) and the
+      allowed values; a full-size run without ``init_from`` names the ImageNet weight file and
+      the conversion command.
     FileNotFoundError: ``config.init_from`` names a directory that does not exist.
   """
-  for field, allowed in _CHOICES.items():
-    value = _get(config, field)
-    _check(value in allowed and type(value) is type(allowed[0]), field,
-           f'must be one of {list(allowed)}, got {value!r}')
-  _check(_is_int(_get(config, 'seed')), 'seed', f"must be an int, got {config.seed!r}")
-  _check_each(config, _POSITIVE_INTS, lambda v: _is_int(v) and v > 0, 'a positive int')
-  _check_each(config, _NON_NEGATIVE_INTS, lambda v: _is_int(v) and v >= 0, 'an int >= 0')
-  _check_each(config, _NON_NEGATIVE_FLOATS, lambda v: _is_number(v) and v >= 0, 'a number >= 0')
-  _check_each(config, _BOOLS, lambda v: isinstance(v, bool), 'True or False')
-  _check_each(config, ('optim.learning_rate', 'optim.power'),
-              lambda v: _is_number(v) and v > 0, 'a number > 0')
-  _check_each(config, ('optim.momentum',), lambda v: _is_number(v) and 0 <= v < 1,
-              'a number in [0, 1)')
-
-  multi_grid = _get(config, 'model.multi_grid')
-  _check(isinstance(multi_grid, (tuple, list)) and all(_is_int(g) and g > 0 for g in multi_grid),
-         'model.multi_grid', f'must be a tuple of positive ints (or () for off), got {multi_grid!r}')
-
-  modality, in_channels = config.data.modality, config.model.in_channels
-  _check(IN_CHANNELS_BY_MODALITY[modality] == in_channels, 'model.in_channels',
-         f'is {in_channels} but config.data.modality={modality!r} feeds '
-         f'{IN_CHANNELS_BY_MODALITY[modality]} channels (nrgb: 4; rgb, nir: 3)')
-  version, num_classes = config.data.version, config.model.num_classes
-  _check(NUM_CLASSES_BY_VERSION[version] == num_classes, 'model.num_classes',
-         f'is {num_classes} but config.data.version={version!r} has '
-         f'{NUM_CLASSES_BY_VERSION[version]} classes')
-  _check(config.data.image_size % config.model.output_stride == 0, 'data.image_size',
-         f'({config.data.image_size}) must be a multiple of config.model.output_stride '
+  _check_fields(config)
+  data = config.data
+  _check(data.image_size % config.model.output_stride == 0, 'data.image_size',
+         f'({data.image_size}) must be a multiple of config.model.output_stride '
          f'({config.model.output_stride})')
-  _check(isinstance(config.data.data_dir, str) and config.data.data_dir != '', 'data.data_dir',
-         "must name the dataset folder (for source 'synthetic': where it is generated)")
-  if config.data.source == 'synthetic':
-    size = _get(config, 'data.synthetic.size')
-    _check(size == config.data.image_size, 'data.synthetic.size',
-           f'({size}) must equal config.data.image_size ({config.data.image_size})')
+  if not data.data_dir:
+    _fail('data.data_dir', "is empty: pass --config.data.data_dir=<folder holding the "
+          "Agriculture-Vision train/ val/ test/ folders> (or the TFDS data_dir with "
+          "--config.data.source=tfds), or use the :demo variant (synthetic data), e.g. "
+          "--config=configs/ibn_s.py:demo")
+  if data.source == 'synthetic':
+    _check(data.synthetic.size == data.image_size, 'data.synthetic.size',
+           f'({data.synthetic.size}) must equal config.data.image_size ({data.image_size})')
   for field in ('data.batch_size', 'data.eval_batch_size'):
     size = _get(config, field)
     _check(size % device_count == 0, field,
            f'({size}) must be divisible by the number of devices ({device_count})')
     _check(size % process_count == 0, field,
            f'({size}) must be divisible by the number of processes ({process_count})')
-
+  # SN statistics groups matter in training only (eval uses running statistics); loss groups in
+  # training and in the eval loss.
+  _check_group(config, 'model.sn_group_size', ('data.batch_size',), device_count)
+  _check_group(config, 'loss.group_size', ('data.batch_size', 'data.eval_batch_size'),
+               device_count)
   optim = config.optim
   total = optim.warmup_steps + optim.constant_steps + optim.decay_steps
   _check(config.num_train_steps <= total, 'num_train_steps',
          f'({config.num_train_steps}) must not exceed config.optim.warmup_steps + constant_steps'
          f' + decay_steps ({total}): the poly schedule ends there')
+  _check(config.field.overlap < data.image_size, 'field.overlap',
+         f'({config.field.overlap}) must be smaller than config.data.image_size '
+         f'({data.image_size}), the window size')
 
-  init_from = _get(config, 'init_from')
-  _check(isinstance(init_from, str), 'init_from', f'must be a path or empty, got {init_from!r}')
-  if init_from and not os.path.isdir(init_from):
+  init_from = config.init_from
+  if not init_from and data.source != 'synthetic':
+    _fail('init_from', f'is empty: a full-size run starts from ImageNet weights; download '
+          f'{imagenet_weights(config)} and convert it with `{convert_command(config)}`, then '
+          f"pass --config.init_from=<dir>; or pass --config.init_from={SCRATCH} to train from "
+          'random initialisation')
+  if init_from and init_from != SCRATCH and not os.path.isdir(init_from):
     raise FileNotFoundError(f'config.init_from: no such directory: {init_from}')

@@ -331,31 +331,6 @@ def summarize(stats_a: Mapping[str, ChannelStats], stats_b: Mapping[str, Channel
   return layers
 
 
-def _divergence_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Returns config.divergence after checking its fields (ValueError naming the field)."""
-  if 'divergence' not in config:
-    raise ValueError('config.divergence is missing (fields: split, num_images, batch_size, '
-                     'valid_only, random_init, pairing, var_floor)')
-  settings = config.divergence
-  checks = {
-      'split': lambda v: v in ('train', 'val', 'test'),
-      'num_images': lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-      'batch_size': lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
-      'valid_only': lambda v: isinstance(v, bool),
-      'random_init': lambda v: isinstance(v, bool),
-      'pairing': lambda v: v in PAIRINGS,
-      'var_floor': lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
-  }
-  for field, check in checks.items():
-    if field not in settings:
-      raise ValueError(f'config.divergence.{field} is missing')
-    if not check(settings[field]):
-      raise ValueError(f'config.divergence.{field} has a bad value: {settings[field]!r} '
-                       f"(split: train|val|test; pairing: {'|'.join(PAIRINGS)}; num_images >= 0;"
-                       ' batch_size > 0; var_floor >= 0; valid_only, random_init: bool)')
-  return settings
-
-
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """``--mode=divergence``: RGB-vs-NIR divergence of every backbone layer of a workdir's model.
 
@@ -372,7 +347,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     FileNotFoundError: the workdir has no checkpoint and neither init_from nor random_init is set.
     ValueError: a bad config field, named.
   """
-  settings = _divergence_config(config)
+  settings = config.divergence
   mesh, model = train.setup_inference(config, settings.batch_size, 'config.divergence.batch_size')
   if settings.random_init:
     size = config.data.image_size

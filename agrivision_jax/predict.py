@@ -145,27 +145,6 @@ def write_predictions(results: Iterable[tuple[Mapping[str, np.ndarray], np.ndarr
   return result
 
 
-def _predict_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Returns config.predict after checking its fields (ValueError naming the field)."""
-  if 'predict' not in config:
-    raise ValueError('config.predict is missing (fields: split, tta, num_overlays, batch_size)')
-  settings = config.predict
-  checks = {
-      'split': (lambda v: v in layout.SPLITS, f"one of {layout.SPLITS}"),
-      'tta': (lambda v: v in tta_lib.TTA_MODES, f'one of {tta_lib.TTA_MODES}'),
-      'num_overlays': (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
-                       'an int >= 0'),
-      'batch_size': (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
-                     'a positive int'),
-  }
-  for field, (check, what) in checks.items():
-    if field not in settings:
-      raise ValueError(f'config.predict.{field} is missing')
-    if not check(settings[field]):
-      raise ValueError(f'config.predict.{field} must be {what}, got {settings[field]!r}')
-  return settings
-
-
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """``--mode=predict``: submission PNGs, overlays and (labelled splits) mIoU of a workdir's model.
 
@@ -178,7 +157,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     FileNotFoundError: the workdir has no checkpoint and config.init_from is empty.
     ValueError: a bad config field, named.
   """
-  settings = _predict_config(config)
+  settings = config.predict
   mesh, model = train.setup_inference(config, settings.batch_size, 'config.predict.batch_size')
   variables = train.restore_variables(config, workdir, mesh)
 

@@ -2,6 +2,8 @@
 
 import concurrent.futures
 import filecmp
+import hashlib
+import json
 import re
 
 import numpy as np
@@ -159,3 +161,42 @@ def test_existing_folders_are_never_overwritten(tmp_path):
   assert (other / 'notes.txt').read_text() == 'keep'
   with pytest.raises(ValueError, match=r'data\.synthetic\.num_val=0'):
     synthetic.ensure_synthetic(str(tmp_path / 'new'), 3, 0, 1, 16, 0)
+
+
+def test_metadata_records_every_file_and_its_checksum(tmp_path):
+  root = tmp_path / 'av'
+  synthetic.ensure_synthetic(str(root), 3, 2, 1, 16, 0)
+  metadata = json.loads((root / 'synthetic.json').read_text())
+  on_disk = [name for name in all_files(root) if name != 'synthetic.json']
+  assert metadata['file_count'] == len(on_disk) == 3 * 10 + 2 * 10 + 1 * 4
+  assert sorted(metadata['sha256']) == sorted(name.replace('\\', '/') for name in on_disk)
+  some = on_disk[7]
+  assert metadata['sha256'][some] == hashlib.sha256((root / some).read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize('damage, message', [
+    ('change', 'differs from its recorded SHA-256'),
+    ('delete', 'is missing'),
+    ('add', 'is not part of it'),
+    ('old_metadata', 'records no file checksums'),
+])
+def test_a_tampered_dataset_is_refused_not_used(tmp_path, damage, message):
+  root = tmp_path / 'av'
+  synthetic.ensure_synthetic(str(root), 3, 2, 1, 16, 0)
+  target = root / 'val' / 'masks' / sorted(p.name for p in (root / 'val' / 'masks').iterdir())[1]
+  if damage == 'change':
+    target.write_bytes(target.read_bytes()[:-1] + b'\0')
+  elif damage == 'delete':
+    target.unlink()
+  elif damage == 'add':
+    (root / 'train' / 'images' / 'rgb' / 'ZZZZZZZZZ_0-0-16-16.jpg').write_bytes(b'x')
+  else:
+    metadata = json.loads((root / 'synthetic.json').read_text())
+    del metadata['sha256'], metadata['file_count']
+    (root / 'synthetic.json').write_text(json.dumps(metadata))
+  with pytest.raises(ValueError, match=re.escape(message)) as info:
+    synthetic.ensure_synthetic(str(root), 3, 2, 1, 16, 0)
+  assert f'data.data_dir={str(root)!r}' in str(info.value)
+  assert 'delete the folder' in str(info.value)
+  if damage != 'old_metadata':
+    assert ('ZZZZZZZZZ' if damage == 'add' else target.name) in str(info.value)

@@ -6,23 +6,63 @@ comma-separated after the file name, e.g. ``--config=configs/ibn_s.py:depth=50,l
 
   depth=50|101                        model.arch resnet50 | resnet101 (default 101)
   loss=bce|bce_dice|bce_lovasz|hybrid (lambda_dice, lambda_lovasz) = (0,0) | (1,0) | (0,1) | (1,1)
-  modality=nrgb|rgb|nir               data.modality and model.in_channels 4 | 3 | 3
+  modality=nrgb|rgb|nir               data.modality (the model reads 4 | 3 | 3 channels)
+  authors                             the authors' released code where it differs from the paper
+                                      text (``AUTHORS`` below: 30k schedule, groups of 16, ...)
   demo                                synthetic data, tiny model, 1500 steps: learns on 2 CPU cores
 
 Any field can then be overridden on the command line with ``--config.a.b=value``; the result is
 checked by ``agrivision_jax.configuration.validate`` before anything is computed.
 """
 
-import tempfile
+import math
+import os
 
 import ml_collections
 
 DEPTHS = {'50': 'resnet50', '101': 'resnet101'}
 # (lambda_dice, lambda_lovasz) of L = (BCE + l1*Dice + l2*Lovasz) / (1 + l1 + l2); Table 3's grid.
 LOSSES = {'bce': (0.0, 0.0), 'bce_dice': (1.0, 0.0), 'bce_lovasz': (0.0, 1.0), 'hybrid': (1.0, 1.0)}
-IN_CHANNELS = {'nrgb': 4, 'rgb': 3, 'nir': 3}
-FLAG_VARIANTS = ('demo',)
-VALUE_VARIANTS = {'depth': DEPTHS, 'loss': LOSSES, 'modality': IN_CHANNELS}
+MODALITIES = ('nrgb', 'rgb', 'nir')
+FLAG_VARIANTS = ('authors', 'demo')
+VALUE_VARIANTS = {'depth': DEPTHS, 'loss': LOSSES, 'modality': MODALITIES}
+
+# The authors' released code (github.com/LAOS-Y/AgriVision) where it differs from the paper's
+# text, which the defaults follow: (field, paper default, authors' value, where in their code).
+# Their run: 2 GPUs (train.sh: torch.distributed.launch) x 16 images, 12,901 train tiles
+# (Agriculture-Vision 2020); an epoch is len(loader_train) = ceil(12,901 / 2) // 16 = 403
+# iterations (DistributedSampler, drop_last=True).
+_YAML = 'config/agri-resnet101dilated-ibn@a-deeplab-low_feat@3-bce+dice+lovasz-aug-warmup@2000.yaml'
+AUTHORS_TRAIN_TILES = 12901
+AUTHORS_GPUS, AUTHORS_BATCH_PER_GPU = 2, 16
+AUTHORS_EPOCH_STEPS = math.ceil(AUTHORS_TRAIN_TILES / AUTHORS_GPUS) // AUTHORS_BATCH_PER_GPU
+AUTHORS = (
+    ('optim.warmup_steps', 1000, 2000, f'{_YAML}: TRAIN.iter_warmup'),
+    ('optim.constant_steps', 7000, 8000, f'{_YAML}: TRAIN.iter_static'),
+    ('optim.decay_steps', 17000, 20000, f'{_YAML}: TRAIN.iter_decay'),
+    ('num_train_steps', 25000, (2000 + 8000 + 20000) // AUTHORS_EPOCH_STEPS * AUTHORS_EPOCH_STEPS,
+     'train.py main(): num_epoch = (iter_warmup + iter_static + iter_decay) // epoch_iters '
+     '= 30000 // 403 = 74 whole epochs of 403 iterations'),
+    ('eval_every_steps', 2500, AUTHORS_EPOCH_STEPS,
+     'train.py main(): val() after every epoch'),
+    ('checkpoint_every_steps', 1000, AUTHORS_EPOCH_STEPS,
+     'train.py main(): checkpoint() after every epoch'),
+    ('loss.bce_over_all_pixels', False, True,
+     'train.py train(): pred[~mask] = -INF_FP16 before loss_fn, so the BCE mean counts every '
+     'element'),
+    ('loss.group_size', 0, AUTHORS_BATCH_PER_GPU,
+     'train.py: DDP, the loss of each GPU over its TRAIN.batch_size_per_gpu = 16 images'),
+    ('model.sn_group_size', 0, AUTHORS_BATCH_PER_GPU,
+     'train.py: apex convert_syncbn_model syncs BatchNorm only; the SwitchNorm of '
+     'model/backbone/resnet.py uses each GPU\'s 16 images'),
+    ('data.eval_batch_size', 32, 16, f'{_YAML}: VAL.batch_size_per_gpu 8 on 2 GPUs'),
+    ('log_every_steps', 50, 20, f'{_YAML}: TRAIN.disp_iter'),
+)
+# Not switched: MODEL.fp16 (apex amp O1 float16; float16 is no dtype choice here) and keeping
+# every epoch's checkpoint (74 full-size checkpoints).
+DEMO_DATA_DIR = os.path.join(
+    os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache'),
+    'agrivision_jax', 'synthetic_demo_64px_512')
 
 
 def parse_variants(arg: str) -> dict[str, str]:
@@ -65,8 +105,6 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.ibn_mode = 'none'
   config.model.output_stride = 16
   config.model.multi_grid = (1, 2, 4)
-  config.model.in_channels = 4
-  config.model.num_classes = 7
   config.model.num_low_level_features = 3
   config.model.dtype = 'float32'
   config.model.width = 64
@@ -90,7 +128,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.num_workers = 8
   config.data.on_bad_example = 'error'
   config.data.augment = ml_collections.ConfigDict(
-      dict(shift_scale_rotate=True, hflip=True, vflip=True, rot90=True))
+      dict(shift_scale_aspect=True, hflip=True, vflip=True, rot90=True))
   config.data.synthetic = ml_collections.ConfigDict(
       dict(num_train=64, num_val=16, num_test=16, size=512, seed=0))
 
@@ -118,7 +156,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.eval_every_steps = 2500
   config.checkpoint_every_steps = 1000
   config.max_checkpoints_to_keep = 3
-  # A converted ImageNet (or full) weights directory, or 'scratch' for random initialisation.
+  # A converted ImageNet (or full) weights directory, or 'scratch' for random initialisation;
+  # required unless data.source='synthetic' (configuration.imagenet_weights names the file).
   config.init_from = ''
   # Which checkpoint --mode=evaluate|divergence|predict|field restore: 'latest', 'best' or a step.
   config.restore = 'latest'
@@ -151,11 +190,14 @@ def apply_demo(config: ml_collections.ConfigDict) -> None:
   config.model.decoder_channels = 32
   config.model.low_level_channels = 8
   config.data.source = 'synthetic'
-  config.data.data_dir = f'{tempfile.gettempdir()}/agrivision_jax_synthetic_demo_64px_512'
+  # A per-user cache folder (not the shared temp folder); its files are checked against the
+  # checksums in its synthetic.json before every use.
+  config.data.data_dir = DEMO_DATA_DIR
   config.data.image_size = 64
   config.data.batch_size = 8
   config.data.eval_batch_size = 8
   config.data.num_workers = 0
+  config.field.overlap = 16  # a quarter of the 64 px window, as 128 of 512
   config.data.synthetic.update(dict(num_train=512, num_val=32, num_test=16, size=64, seed=0))
   config.optim.learning_rate = 0.05
   config.optim.warmup_steps = 50
@@ -165,6 +207,16 @@ def apply_demo(config: ml_collections.ConfigDict) -> None:
   config.log_every_steps = 50
   config.eval_every_steps = 500
   config.checkpoint_every_steps = 500
+
+
+def apply_authors(config: ml_collections.ConfigDict) -> None:
+  """Sets every field of ``AUTHORS`` to the authors' value, in place."""
+  for field, _, value, _ in AUTHORS:
+    *groups, name = field.split('.')
+    parent = config
+    for group in groups:
+      parent = parent[group]
+    parent[name] = value
 
 
 def get_config(arg: str | None = None, *, ibn_mode: str = 'none',
@@ -184,9 +236,11 @@ def get_config(arg: str | None = None, *, ibn_mode: str = 'none',
   config.model.ibn_mode = ibn_mode
   config.model.arch = DEPTHS[variants.get('depth', '101')]
   config.loss.lambda_dice, config.loss.lambda_lovasz = LOSSES[variants.get('loss', default_loss)]
-  modality = variants.get('modality', 'nrgb')
-  config.data.modality = modality
-  config.model.in_channels = IN_CHANNELS[modality]
+  config.data.modality = variants.get('modality', 'nrgb')
+  if 'authors' in variants:
+    apply_authors(config)
   if 'demo' in variants:
     apply_demo(config)
+    if 'authors' in variants:  # two groups per batch, as the authors' two GPUs
+      config.model.sn_group_size = config.loss.group_size = config.data.batch_size // 2
   return config

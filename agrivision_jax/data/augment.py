@@ -21,7 +21,6 @@ import numpy as np
 
 SHIFT_SCALE_ASPECT_LIMIT = 1.0
 PROBABILITY = 0.5
-SWITCHES = ('shift_scale_rotate', 'hflip', 'vflip', 'rot90')
 _TINY = float(np.finfo(np.float32).tiny)
 
 
@@ -93,16 +92,14 @@ def augment(example: dict[str, Any], augment_config: ml_collections.ConfigDict,
   Args:
     example: {'image': uint8 (H, W, 4), 'labels': uint8 (H, W, C), 'valid': bool (H, W), ...};
       H == W when rot90 is on.
-    augment_config: config.data.augment with bools shift_scale_rotate, hflip, vflip, rot90.
+    augment_config: config.data.augment with bools shift_scale_aspect, hflip, vflip, rot90
+      (checked by agrivision_jax.configuration.validate).
     rng: the example's random generator.
   Returns:
     a new example with the same keys; other keys are passed through.
   """
-  for switch in SWITCHES:
-    if switch not in augment_config:
-      raise ValueError(f'data.augment.{switch} is missing')
   image, labels, valid = example['image'], example['labels'], example['valid']
-  if augment_config.shift_scale_rotate and rng.random() < PROBABILITY:
+  if augment_config.shift_scale_aspect and rng.random() < PROBABILITY:
     sx, sy, dx, dy = sample_shift_scale_aspect(rng, *valid.shape)
     image, labels, valid = shift_scale_aspect(image, labels, valid, sx, sy, dx, dy)
   if augment_config.hflip and rng.random() < PROBABILITY:

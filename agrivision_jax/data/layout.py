@@ -74,6 +74,11 @@ class BadFileError(ValueError):
   def __init__(self, path: str, message: str):
     super().__init__(f'{path}: {message}')
     self.path = path
+    self.message = message
+
+  def __reduce__(self):
+    # Pickled with both arguments, so the error crosses grain worker processes intact.
+    return type(self), (self.path, self.message)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,8 @@ Eval: finite; process p takes examples p, p + P, ...; every process yields the s
 batches, the last one padded with all-invalid examples (valid False, labels 0, id '').
 
 Batches: image float32 (b, H, W, Cin) normalised, labels uint8 (b, H, W, C) 0/1 (zero where
-not valid, as in the authors' code; a quarter of float32's bytes on the host-to-device path), valid bool (b, H, W); eval batches add id (b,) str.
+not valid, as in the authors' code; a quarter of float32's bytes on the host-to-device path),
+valid bool (b, H, W); eval batches add id (b,) str.
 """
 from __future__ import annotations
 
@@ -37,13 +38,6 @@ _STD = np.array(RGB_STD + (NIR_STD,), np.float32)
 READ_THREADS = 2
 
 
-def input_channels(modality: str) -> int:
-  """Number of image channels a modality feeds the model (4 nrgb, 3 rgb, 3 nir)."""
-  if modality not in MODALITIES:
-    raise ValueError(f'data.modality={modality!r} is unknown; expected one of {sorted(MODALITIES)}')
-  return len(MODALITIES[modality])
-
-
 def normalize(image: np.ndarray, modality: str) -> np.ndarray:
   """(x / 255 - mean) / std per channel: ImageNet statistics for R,G,B, (0.485, 0.229) for NIR.
 
@@ -53,7 +47,6 @@ def normalize(image: np.ndarray, modality: str) -> np.ndarray:
   Returns:
     float32 (..., H, W, Cin).
   """
-  input_channels(modality)
   channels = list(MODALITIES[modality])
   scaled = image[..., channels].astype(np.float32) * np.float32(1 / 255)
   return (scaled - _MEAN[channels]) / _STD[channels]
@@ -109,13 +102,6 @@ class _EvalElement(grain.transforms.Map):
     return {**batch_element(example, self._modality), 'id': example['id']}
 
 
-def _local_batch_size(global_batch_size: int, field: str, process_count: int) -> int:
-  if global_batch_size < 1 or global_batch_size % process_count:
-    raise ValueError(f'{field}={global_batch_size} must be a positive multiple of the process '
-                     f'count {process_count}')
-  return global_batch_size // process_count
-
-
 def _check_process(process_index: int, process_count: int) -> None:
   if not 0 <= process_index < process_count:
     raise ValueError(f'process_index={process_index} must lie in [0, {process_count})')
@@ -123,8 +109,6 @@ def _check_process(process_index: int, process_count: int) -> None:
 
 def _prefetch(batches: grain.MapDataset, num_workers: int) -> grain.IterDataset:
   """Threads (READ_THREADS batches at once per process or worker), then worker processes."""
-  if num_workers < 0:
-    raise ValueError(f'data.num_workers={num_workers} must be >= 0')
   iter_dataset = batches.to_iter_dataset(
       grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=READ_THREADS))
   if num_workers:
@@ -138,7 +122,8 @@ def create_train_iterator(data_config: ml_collections.ConfigDict, seed: int, pro
 
   Args:
     data_config: config.data (source, data_dir, version, modality, image_size, batch_size
-      (global), num_workers, on_bad_example, augment, synthetic).
+      (global), num_workers, on_bad_example, augment, synthetic), as checked by
+      agrivision_jax.configuration.validate (batch_size a multiple of process_count).
     seed: shuffle and augmentation seed, in [0, 2**32).
     process_index, process_count: this process and the number of processes.
   Returns:
@@ -146,8 +131,7 @@ def create_train_iterator(data_config: ml_collections.ConfigDict, seed: int, pro
     'labels': uint8 (b, H, W, C), 'valid': bool (b, H, W)}, b = batch_size // process_count.
   """
   _check_process(process_index, process_count)
-  batch_size = _local_batch_size(data_config.batch_size, 'data.batch_size', process_count)
-  input_channels(data_config.modality)
+  batch_size = data_config.batch_size // process_count
   source = sources.create_source(data_config, 'train')
   dataset = (grain.MapDataset.source(source).seed(seed).shuffle().repeat()
              .random_map(_TrainTransform(data_config.augment, data_config.modality)))
@@ -169,9 +153,7 @@ def create_eval_iterator(data_config: ml_collections.ConfigDict, split: str, pro
     process yields ceil(ceil(N / P) / b) batches; padding examples have valid False and id ''.
   """
   _check_process(process_index, process_count)
-  batch_size = _local_batch_size(data_config.eval_batch_size, 'data.eval_batch_size',
-                                 process_count)
-  input_channels(data_config.modality)
+  batch_size = data_config.eval_batch_size // process_count
   source = sources.create_source(data_config, split)
   per_process = math.ceil(len(source) / process_count)
   count = math.ceil(per_process / batch_size) * batch_size

@@ -131,25 +131,15 @@ def create_source(data_config: ml_collections.ConfigDict, split: str
   """Random-access source of one split as configured by config.data.
 
   Args:
-    data_config: config.data (source, data_dir, version, image_size, on_bad_example, synthetic).
+    data_config: config.data (source, data_dir, version, image_size, on_bad_example, synthetic),
+      as checked by agrivision_jax.configuration.validate.
     split: 'train', 'val' or 'test'.
   Returns:
     a source with len() and [index] -> example dict (see the module docstring). For source
     'synthetic' the dataset is first generated into data_config.data_dir if absent.
   """
-  source = data_config.source
-  if source not in SOURCES:
-    raise ValueError(f'data.source={source!r} is unknown; expected one of {SOURCES}')
-  version = data_config.version
-  layout.class_names(version)
+  source, version = data_config.source, data_config.version
   layout.check_split(split)
-  if data_config.on_bad_example not in layout.BAD_EXAMPLE_POLICIES:
-    raise ValueError(f'data.on_bad_example={data_config.on_bad_example!r} is unknown; '
-                     f'expected one of {layout.BAD_EXAMPLE_POLICIES}')
-  if not isinstance(data_config.image_size, int) or data_config.image_size < 1:
-    raise ValueError(f'data.image_size={data_config.image_size!r} must be a positive int')
-  if not data_config.data_dir:
-    raise ValueError('data.data_dir is empty')
   if source == 'tfds':
     return TfdsSource(data_config.data_dir, split, version, data_config.image_size)
   if source == 'synthetic':
@@ -157,9 +147,6 @@ def create_source(data_config: ml_collections.ConfigDict, split: str
     # already imported by the package (runpy warns about that).
     from agrivision_jax.data import synthetic  # pylint: disable=g-import-not-at-top
     syn = data_config.synthetic
-    if syn.size != data_config.image_size:
-      raise ValueError(f'data.synthetic.size={syn.size} differs from '
-                       f'data.image_size={data_config.image_size}')
     synthetic.ensure_synthetic(data_config.data_dir, syn.num_train, syn.num_val, syn.num_test,
                                syn.size, syn.seed, version)
   return DirectorySource(data_config.data_dir, split, version, data_config.image_size,

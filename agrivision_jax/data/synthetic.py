@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import hashlib
 import json
 import math
 import os
@@ -206,7 +207,8 @@ def generate(out_dir: str, num_train: int, num_val: int, num_test: int, size: in
 
   Files: images/rgb/<id>.jpg (RGB JPEG), images/nir/<id>.jpg (single-channel 'L' JPEG),
   boundaries/<id>.png and masks/<id>.png ('L' PNG 0/255), labels/<class>/<id>.png ('L' PNG
-  0/255, train and val only), plus synthetic.json with the parameters.
+  0/255, train and val only), plus synthetic.json with the parameters, the file count and the
+  SHA-256 of every file (``verify`` checks them).
   Tiles are grouped four per field: <id> = FIELDID_x1-y1-x2-y2 on the field's tile grid.
   """
   names = layout.class_names(version)
@@ -245,8 +247,46 @@ def generate(out_dir: str, num_train: int, num_val: int, num_test: int, size: in
     field_index += math.ceil(count / 4)
   metadata = {'version': version, 'num_train': num_train, 'num_val': num_val,
               'num_test': num_test, 'size': size, 'seed': seed}
+  checksums = _checksums(out_dir)
+  metadata.update(file_count=len(checksums), sha256=checksums)
   with open(os.path.join(out_dir, METADATA_FILE), 'w') as f:
     json.dump(metadata, f, indent=2, sort_keys=True)
+
+
+def _checksums(root: str) -> dict[str, str]:
+  """Relative path ('/'-separated) -> SHA-256 hex of every file under root but synthetic.json."""
+  checksums = {}
+  for folder, _, names in os.walk(root):
+    for name in names:
+      path = os.path.join(folder, name)
+      relative = os.path.relpath(path, root).replace(os.sep, '/')
+      if relative != METADATA_FILE:
+        with open(path, 'rb') as f:
+          checksums[relative] = hashlib.sha256(f.read()).hexdigest()
+  return dict(sorted(checksums.items()))
+
+
+def verify(data_dir: str, metadata: dict) -> None:
+  """Checks that data_dir holds exactly the files synthetic.json lists, with their checksums.
+
+  Raises:
+    ValueError: naming data.data_dir and the first missing, extra or changed file.
+  """
+  recorded = metadata.get('sha256')
+  if not isinstance(recorded, dict) or metadata.get('file_count') != len(recorded):
+    problem = f'its {METADATA_FILE} records no file checksums'
+  else:
+    found = _checksums(data_dir)
+    missing = sorted(set(recorded) - set(found))
+    extra = sorted(set(found) - set(recorded))
+    changed = [name for name in recorded if name in found and found[name] != recorded[name]]
+    problem = (f'file {missing[0]} is missing' if missing else
+               f'file {extra[0]} is not part of it' if extra else
+               f'file {changed[0]} differs from its recorded SHA-256' if changed else '')
+  if problem:
+    raise ValueError(f'data.data_dir={data_dir!r} is not the synthetic dataset its '
+                     f'{METADATA_FILE} describes: {problem} ({len(recorded or ())} files '
+                     'recorded); delete the folder to have it generated again')
 
 
 def ensure_synthetic(data_dir: str, num_train: int, num_val: int, num_test: int, size: int,
@@ -255,8 +295,9 @@ def ensure_synthetic(data_dir: str, num_train: int, num_val: int, num_test: int,
 
   Atomic and safe when several processes call it at once: each writes into its own temporary
   folder next to data_dir and renames it; the losers of the race delete theirs. An existing
-  dataset made with other parameters, or a non-empty folder that is no synthetic dataset,
-  raises ValueError naming data.data_dir.
+  dataset made with other parameters, a non-empty folder that is no synthetic dataset, or one
+  whose files differ from the count and checksums in its synthetic.json (``verify``) raises
+  ValueError naming data.data_dir; nothing is deleted or regenerated over it.
   """
   wanted = {'version': version, 'num_train': num_train, 'num_val': num_val,
             'num_test': num_test, 'size': size, 'seed': seed}
@@ -279,10 +320,12 @@ def ensure_synthetic(data_dir: str, num_train: int, num_val: int, num_test: int,
       if os.path.isdir(tmp):
         shutil.rmtree(tmp)
   with open(metadata_path) as f:
-    found = json.load(f)
+    metadata = json.load(f)
+  found = {key: metadata.get(key) for key in wanted}
   if found != wanted:
     raise ValueError(f'data.data_dir={data_dir!r} holds a synthetic dataset made with {found}, '
                      f'not the configured data.synthetic / data.version {wanted}')
+  verify(data_dir, metadata)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
