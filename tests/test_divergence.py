@@ -409,6 +409,7 @@ def test_plot_script_overlays_runs_with_a_legend(tmp_path):
   plot_script = _load_script('plot_divergence')
   layers = [{'index': i, 'name': name, 'divergence': 1.0 / (i + 1)}
             for i, name in enumerate(models.backbone_layer_names('resnet50'))]
+  layers[3]['divergence'] = None  # var_floor=0 and a constant channel: not plotted
   for run_name in ('r50', 'ibn50_s'):
     (tmp_path / run_name).mkdir()
     with open(tmp_path / run_name / 'divergence.json', 'w') as f:
@@ -418,5 +419,9 @@ def test_plot_script_overlays_runs_with_a_legend(tmp_path):
                     '--labels=ResNet-50,IBN-Net50-s', f'--out={out}'])
   with Image.open(out) as image:
     assert image.format == 'PNG'
+  values = [layer['divergence'] for layer in layers]
+  mean = np.mean([value for value in values if value is not None])
+  assert plot_script.describe(values) == (f'17 layers (1 null), mean divergence {mean:.4f}, '
+                                          'last layer 0.0588')
   with pytest.raises(FileNotFoundError, match='divergence.json'):
     plot_script.main([str(tmp_path), f'--out={out}'])
