@@ -5,7 +5,7 @@ into samples (optionally over valid pixels only), with ``pooling``:
   'image': one sample per image, the image's spatial mean (independent of the batch size);
   'batch': one sample per batch, the mean over all of the batch's images and pixels: the authors'
     get_feature_distribution.py (``feat.mean(dim=[0, 2, 3])`` per batch, then the mean and
-    ``var`` over the batches), which depends on the batch size.
+    ``var`` over the batches), which depends on the batch size (theirs: each GPU's batch).
 Each channel's samples are fitted with a Gaussian, once for modality A (RGB) and once for modality
 B (NIR repeated). The divergence of a layer is the mean over its channels of the symmetric KL
 divergence between the two Gaussians:
@@ -466,7 +466,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     _write_outputs(workdir, result, stats_a, stats_b)
   logging.info('divergence of %d layers over %d images (%s pooling): %s', len(layers),
                num_images, settings.pooling,
-               ' '.join(f"{layer['name']}={layer['divergence']:.4f}" for layer in layers))
+               ' '.join(f"{layer['name']}={layer['divergence']}" if layer['divergence'] is None
+                        else f"{layer['name']}={layer['divergence']:.4f}" for layer in layers))
   return result
 
 

@@ -370,6 +370,10 @@ def test_run_writes_json_stats_and_plot(data_dir, tmp_path, monkeypatch):
 
   config.divergence.num_images = 2
   assert divergence.run(config, str(tmp_path))['settings']['num_images'] == 2
+  # Per-batch statistics of a split that fills one batch: one sample, no Gaussian fit.
+  config.divergence.update(dict(num_images=0, pooling='batch'))
+  with pytest.raises(ValueError, match='at least 2 samples .* got 1'):
+    divergence.run(config, str(tmp_path))
 
 
 def test_run_without_checkpoint_names_the_workdir(data_dir, tmp_path):
