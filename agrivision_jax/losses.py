@@ -305,7 +305,8 @@ def make_loss(loss_config: Any, mesh: jax.sharding.Mesh | None = None
   Args:
     loss_config: ``config.loss``: lambda_dice, lambda_lovasz (numbers >= 0), lovasz_per_image,
       dice_per_class, bce_over_all_pixels (bools), group_size (int >= 0).
-    mesh: the mesh whose 'data' axis splits the batch, or None.
+    mesh: the mesh whose 'data' axis splits the batch, or None. With an Explicit-axes mesh
+      the inputs must already be split along 'data' (an Auto mesh reshards them as needed).
 
   Returns:
     ``loss(logits (B,H,W,C), labels (B,H,W,C), valid (B,H,W)) -> float32 scalar``; it raises a
