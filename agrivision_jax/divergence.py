@@ -1,14 +1,17 @@
 """Feature divergence between RGB and NIR inputs, layer by layer (the paper's Figure 2).
 
-For every captured layer (stem and each bottleneck, post-ReLU, eval mode) and every image, the
-spatial mean of each channel is taken (optionally over valid pixels only). Across images, each
-channel's per-image means are fitted with a Gaussian, once for modality A (RGB) and once for
-modality B (NIR repeated). The divergence of a layer is the mean over its channels of the symmetric
-KL divergence between the two Gaussians:
+For every captured layer (stem and each bottleneck, post-ReLU, eval mode) each channel is pooled
+into samples (optionally over valid pixels only), with ``pooling``:
+  'image': one sample per image, the image's spatial mean (independent of the batch size);
+  'batch': one sample per batch, the mean over all of the batch's images and pixels: the authors'
+    get_feature_distribution.py (``feat.mean(dim=[0, 2, 3])`` per batch, then the mean and
+    ``var`` over the batches), which depends on the batch size (theirs: each GPU's batch).
+Each channel's samples are fitted with a Gaussian, once for modality A (RGB) and once for modality
+B (NIR repeated). The divergence of a layer is the mean over its channels of the symmetric KL
+divergence between the two Gaussians:
   KL(A||B) + KL(B||A),  KL(A||B) = log(s_B/s_A) + (s_A^2 + (m_A - m_B)^2) / (2 s_B^2) - 1/2.
 The Gaussian fit streams: per-channel count, mean and sum of squared deviations are merged batch by
-batch in float64 on the host (Chan et al.'s pairwise update), so no feature is kept in memory and
-the result does not depend on the batch size.
+batch in float64 on the host (Chan et al.'s pairwise update), so no feature is kept in memory.
 """
 
 import dataclasses
@@ -33,6 +36,7 @@ from agrivision_jax import train
 from agrivision_jax.progress import Progress
 
 PAIRINGS = ('replicate', 'zero')
+POOLINGS = ('image', 'batch')
 # Input channels of A and B, by (model in_channels, pairing), for the record in divergence.json.
 PAIRING_CHANNELS = {
     (3, 'replicate'): ('R,G,B', 'N,N,N'), (3, 'zero'): ('R,G,B', 'N,N,N'),
@@ -96,8 +100,9 @@ class ChannelStats:
   def variance(self) -> np.ndarray:
     """Unbiased per-channel variance (C,) (ddof=1, as torch.var in the authors' statistics dump)."""
     if self.count < 2:
-      raise ValueError(f'a Gaussian fit needs at least 2 images, got {self.count} '
-                       '(config.divergence.num_images / the split size)')
+      raise ValueError(f'a Gaussian fit needs at least 2 samples (images, or batches with '
+                       f'pooling=batch), got {self.count} (config.divergence.num_images, '
+                       'batch_size / the split size)')
     return self.m2 / (self.count - 1)
 
 
@@ -105,24 +110,28 @@ def layer_divergence(stats_a: ChannelStats, stats_b: ChannelStats,
                      var_floor: float) -> tuple[float | None, int]:
   """Mean over channels of the symmetric KL between the A and B fits of one layer.
 
-  A channel that is (nearly) constant over the images under one input, such as a ReLU output that
-  is 0 on every RGB image but not on the NIR ones, has a KL that grows without bound as its
+  A channel that is (nearly) constant over the samples under one input, such as a ReLU output
+  that is 0 on every RGB image but not on the NIR ones, has a KL that grows without bound as its
   variance goes to 0, so one such channel would swamp the layer's mean. Every variance therefore
   gets a floor added: ``var_floor`` times the layer's mean variance (over channels and both
   inputs). The floor scales with the layer, so the divergence stays invariant to rescaling a
   layer's activations, as the KL itself is; identical fits still give exactly 0.
+
+  ``var_floor=0`` is exactly the paper's formula: no floor, the plain mean of the channels'
+  symmetric KL. The formula is infinite (or undefined) when a channel's variance is 0 under A or
+  B; the layer's divergence is then None (JSON has no infinity), and those channels are counted.
 
   Args:
     stats_a, stats_b: per-channel fits of the same layer under inputs A and B.
     var_floor: the floor relative to the layer's mean variance (0: the plain formula).
 
   Returns:
-    (divergence, or None when every variance of the layer is 0; number of channels whose
-     variance under A or B is below the floor).
+    (divergence, or None when a floored variance is 0; number of channels whose variance under
+     A or B is at or below the floor).
   """
   var_a, var_b = stats_a.variance(), stats_b.variance()
   floor = var_floor * float(np.mean(var_a + var_b)) / 2
-  below = int(np.sum((var_a < floor) | (var_b < floor)))
+  below = int(np.sum((var_a <= floor) | (var_b <= floor)))
   if not np.all((var_a + floor > 0) & (var_b + floor > 0)):
     return None, below
   kl = symmetric_kl(stats_a.mean, var_a + floor, stats_b.mean, var_b + floor)
@@ -161,6 +170,16 @@ def spatial_channel_means(features: jax.Array, valid: jax.Array | None = None) -
     return jnp.mean(features, axis=(1, 2))
   weights = downsample_valid(valid, features.shape[1:3])[..., None]
   return jnp.sum(features * weights, axis=(1, 2)) / jnp.sum(weights, axis=(1, 2))
+
+
+def pooled_area(valid: jax.Array | None, batch: int, size: tuple[int, int]) -> jax.Array:
+  """The area each image's spatial mean covers at a (h, w) feature resolution, in feature pixels:
+  (B,) float32, h * w for every image, or with ``valid`` (B, H, W) bool the valid input area
+  under the feature map (``downsample_valid`` summed). The weight of an image's mean in a pooled
+  batch mean."""
+  if valid is None:
+    return jnp.full((batch,), float(size[0] * size[1]), jnp.float32)
+  return jnp.sum(downsample_valid(valid, size), axis=(1, 2))
 
 
 def modality_inputs(images: jax.Array, in_channels: int,
@@ -228,8 +247,8 @@ def plot_divergence(runs: Sequence[tuple[str, Sequence[Mapping[str, Any]]]], pat
 
 
 def channel_means(model: nn.Module, variables: Mapping[str, Any], images: jax.Array,
-                  valid: jax.Array, *, pairing: str,
-                  valid_only: bool) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+                  valid: jax.Array, *, pairing: str, valid_only: bool
+                  ) -> tuple[dict[str, jax.Array], dict[str, jax.Array], dict[str, jax.Array]]:
   """Per-image channel means of every captured layer under inputs A (RGB) and B (NIR).
 
   Args:
@@ -241,43 +260,66 @@ def channel_means(model: nn.Module, variables: Mapping[str, Any], images: jax.Ar
     valid_only: average over valid pixels only.
 
   Returns:
-    (means_a, means_b): {layer name: (B, C_layer) float32}, ordered as
-    ``models.backbone_layer_names``. A and B go through the network as one batch of 2B images
-    (eval mode: every image is normalised independently of the others).
+    (means_a, means_b, areas): means {layer name: (B, C_layer) float32}, ordered as
+    ``models.backbone_layer_names``, and {layer name: (B,) float32} the area each mean covers
+    (``pooled_area``, the same under A and B). A and B go through the network as one batch of
+    2B images (eval mode: every image is normalised independently of the others).
   """
   images_a, images_b = modality_inputs(images, model.in_channels, pairing)
   outputs = models.capture_layer_outputs(
       model, variables, jnp.concatenate([images_a, images_b], axis=0))
   weights = jnp.concatenate([valid, valid], axis=0) if valid_only else None
   batch = images.shape[0]
-  means_a, means_b = {}, {}
+  means_a, means_b, areas = {}, {}, {}
   for name, features in outputs.items():
     means = spatial_channel_means(features, weights)
     means_a[name], means_b[name] = means[:batch], means[batch:]
-  return means_a, means_b
+    areas[name] = pooled_area(valid if valid_only else None, batch, features.shape[1:3])
+  return means_a, means_b, areas
 
 
 @functools.lru_cache(maxsize=8)
 def _statistics_step(model: nn.Module, mesh: jax.sharding.Mesh, pairing: str,
                      valid_only: bool) -> Callable:
-  """Jitted (variables, images, valid, real) -> (means_a, means_b, keep (B,) bool), replicated;
-  cached so that repeated passes with the same model and shapes compile once."""
+  """Jitted (variables, images, valid, real) -> (means_a, means_b, areas, keep (B,) bool),
+  replicated; cached so that repeated passes with the same model and shapes compile once."""
   data, replicated = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
 
   def step(variables, images, valid, real):
-    means_a, means_b = channel_means(model, variables, images, valid, pairing=pairing,
-                                     valid_only=valid_only)
+    means_a, means_b, areas = channel_means(model, variables, images, valid, pairing=pairing,
+                                            valid_only=valid_only)
     keep = real & jnp.any(valid, axis=(1, 2)) if valid_only else real
-    return means_a, means_b, keep
+    return means_a, means_b, areas, keep
 
   return jax.jit(step, in_shardings=(replicated, data, data, data), out_shardings=replicated)
 
 
+def pool_samples(means: np.ndarray, areas: np.ndarray, pooling: str) -> np.ndarray:
+  """The Gaussian-fit samples of one batch of one layer.
+
+  Args:
+    means: (b, C) the kept images' channel means.
+    areas: (b,) the area each mean covers (``pooled_area``).
+    pooling: 'image': every image is a sample; 'batch': the batch is one sample, the mean over
+      its images' pixels (the means weighted by their areas).
+
+  Returns:
+    (b, C) for 'image'; (1, C) float64 for 'batch', or (0, C) when no image (or area) is left.
+  """
+  if pooling == 'image':
+    return means
+  total = float(np.sum(areas, dtype=np.float64))
+  if not len(means) or total <= 0:
+    return np.zeros((0, means.shape[1]))
+  return (np.asarray(areas, np.float64) @ np.asarray(means, np.float64) / total)[None]
+
+
 def accumulate_statistics(model: nn.Module, variables: Mapping[str, Any],
                           batches: Iterable[Mapping[str, np.ndarray]], mesh: jax.sharding.Mesh,
-                          *, pairing: str, valid_only: bool, num_images: int = 0,
+                          *, pairing: str, valid_only: bool, pooling: str = 'image',
+                          num_images: int = 0,
                           progress: Callable[[int], None] = lambda count: None
-                          ) -> tuple[dict[str, ChannelStats], dict[str, ChannelStats]]:
+                          ) -> tuple[dict[str, ChannelStats], dict[str, ChannelStats], int]:
   """Streams a split through the network, fitting per-channel Gaussians under inputs A and B.
 
   Args:
@@ -287,12 +329,15 @@ def accumulate_statistics(model: nn.Module, variables: Mapping[str, Any],
       divisible by the mesh size.
     mesh: 1-D 'data' mesh over which the global batch is split.
     pairing, valid_only: see ``channel_means``.
+    pooling: 'image' | 'batch' (``pool_samples``); a batch is the global batch, its padding
+      images (and with ``valid_only`` its images without any valid pixel) left out.
     num_images: stop after this many images (0: all). Padding images, and with ``valid_only``
       images without any valid pixel, are not counted.
     progress: called with the number of images taken from each batch.
 
   Returns:
-    (stats_a, stats_b): {layer name: ChannelStats}, the same on every process.
+    (stats_a, stats_b, images): {layer name: ChannelStats} fitted to the samples, the same on
+    every process, and the number of images used.
   """
   data = NamedSharding(mesh, P('data'))
   step = _statistics_step(model, mesh, pairing, valid_only)
@@ -303,20 +348,19 @@ def accumulate_statistics(model: nn.Module, variables: Mapping[str, Any],
   for batch in batches:
     inputs = [jax.make_array_from_process_local_data(data, np.asarray(x)) for x in (
         batch['image'], batch['valid'], np.asarray(batch['id']) != '')]
-    means_a, means_b, keep = jax.device_get(step(variables, *inputs))
+    means_a, means_b, areas, keep = jax.device_get(step(variables, *inputs))
     rows = np.flatnonzero(keep)
     if num_images:
       rows = rows[:num_images - used]
     for name in names:  # jit outputs come back with sorted keys: restore the layer order
-      stats_a[name] = stats_a.get(name, ChannelStats.empty(means_a[name].shape[1])).update(
-          means_a[name][rows])
-      stats_b[name] = stats_b.get(name, ChannelStats.empty(means_b[name].shape[1])).update(
-          means_b[name][rows])
+      for stats, means in ((stats_a, means_a[name]), (stats_b, means_b[name])):
+        samples = pool_samples(means[rows], areas[name][rows], pooling)
+        stats[name] = stats.get(name, ChannelStats.empty(means.shape[1])).update(samples)
     used += len(rows)
     progress(len(rows))
     if num_images and used >= num_images:
       break
-  return stats_a, stats_b
+  return stats_a, stats_b, used
 
 
 def summarize(stats_a: Mapping[str, ChannelStats], stats_b: Mapping[str, ChannelStats],
@@ -338,7 +382,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   ``config.divergence.random_init``), streams ``config.divergence.split`` through it and writes,
   on process 0, into ``workdir``: ``divergence.json`` (settings and per-layer name, channels,
   divergence), ``divergence_stats.npz`` (the per-channel fits: '<layer>/mean_a', 'var_a',
-  'mean_b', 'var_b', and 'count') and ``divergence.png`` (divergence against layer index).
+  'mean_b', 'var_b', and 'count', the number of samples: images, or batches with
+  ``config.divergence.pooling='batch'``) and ``divergence.png`` (divergence against layer index).
 
   Returns:
     The content of divergence.json: {'settings': {...}, 'layers': [...], 'mean_divergence'}.
@@ -368,16 +413,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if settings.num_images:
     total = min(total, settings.num_images)
   progress = Progress(f'divergence {settings.split}', total)
-  stats_a, stats_b = accumulate_statistics(
+  stats_a, stats_b, num_images = accumulate_statistics(
       model, variables, batches, mesh, pairing=settings.pairing, valid_only=settings.valid_only,
-      num_images=settings.num_images, progress=progress.update)
+      pooling=settings.pooling, num_images=settings.num_images, progress=progress.update)
   progress.finish()
   layers = summarize(stats_a, stats_b, settings.var_floor)
   input_a, input_b = PAIRING_CHANNELS[(config.model.in_channels, settings.pairing)]
   result = {
       'settings': {
-          'split': settings.split, 'num_images': next(iter(stats_a.values())).count,
-          'num_images_requested': settings.num_images, 'valid_only': settings.valid_only,
+          'split': settings.split, 'num_images': num_images,
+          'num_images_requested': settings.num_images, 'pooling': settings.pooling,
+          'num_samples': next(iter(stats_a.values())).count, 'valid_only': settings.valid_only,
           'random_init': settings.random_init, 'pairing': settings.pairing,
           'input_a': input_a, 'input_b': input_b, 'var_floor': settings.var_floor,
           'variance': 'unbiased (ddof=1)', 'arch': config.model.arch,
@@ -391,9 +437,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   }
   if jax.process_index() == 0:
     _write_outputs(workdir, result, stats_a, stats_b)
-  logging.info('divergence of %d layers over %d images: %s', len(layers),
-               result['settings']['num_images'],
-               ' '.join(f"{layer['name']}={layer['divergence']:.4f}" for layer in layers))
+  logging.info('divergence of %d layers over %d images (%s pooling): %s', len(layers),
+               num_images, settings.pooling,
+               ' '.join(f"{layer['name']}={layer['divergence']}" if layer['divergence'] is None
+                        else f"{layer['name']}={layer['divergence']:.4f}" for layer in layers))
   return result
 
 

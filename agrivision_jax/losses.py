@@ -9,6 +9,10 @@ any value or gradient, except through the authors' BCE normalisation switch
 sum but count in the denominator).
 
 The hybrid loss (paper, section 3.3) is ``(BCE + l1 * Dice + l2 * Lovasz) / (1 + l1 + l2)``.
+``make_loss`` builds the training loss of ``config.loss``: the mean over groups of
+``config.loss.group_size`` images of the hybrid loss of each group (the authors' DDP objective
+with 16), each device computing its own groups when the groups follow the batch sharding. With
+the authors' BCE switch, each group's BCE is its valid-element sum over all of its elements.
 """
 import functools
 from typing import Any, Callable
@@ -16,8 +20,11 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 DICE_EPS = 1e-7
+# The mesh axis that splits the batch.
+DATA_AXIS = 'data'
 # Sort key of invalid pixels: after every finite error in the descending-error order, label 0.
 _INVALID_KEY = 0x7FFFFFFE
 _SIGN_MASK_COMPLEMENT = 0x7FFFFFFF
@@ -266,33 +273,64 @@ def hybrid(logits: jax.Array, labels: jax.Array, valid: jax.Array, lambda_dice: 
   return total / (1.0 + lambda_dice + lambda_lovasz)
 
 
-_WEIGHT_FIELDS = ('lambda_dice', 'lambda_lovasz')
-_SWITCH_FIELDS = ('lovasz_per_image', 'dice_per_class', 'bce_over_all_pixels')
+def _group_mean(loss: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
+                group_size: int, logits: jax.Array, labels: jax.Array,
+                valid: jax.Array) -> jax.Array:
+  """Mean over consecutive groups of ``group_size`` images of ``loss`` of each group (vmapped).
+
+  logits, labels (B, H, W, C), valid (B, H, W) with B a multiple of ``group_size`` -> scalar.
+  """
+  def groups(x: jax.Array) -> jax.Array:
+    return x.reshape((x.shape[0] // group_size, group_size) + x.shape[1:])
+
+  return jnp.mean(jax.vmap(loss)(groups(logits), groups(labels), groups(valid)))
 
 
-def make_loss(loss_config: Any) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
-  """The training loss of ``config.loss``.
+def make_loss(loss_config: Any, mesh: jax.sharding.Mesh | None = None
+              ) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
+  """The training loss of ``config.loss``: the mean over loss groups of the hybrid loss.
+
+  ``loss_config.group_size`` images form a group (0: the whole batch is one group); the loss is
+  the mean over the groups of ``hybrid`` on each group, so BCE, the global soft Dice and the
+  per-batch Lovasz hinge each cover one group. With 16 this is the authors' objective: DDP over
+  2 GPUs x 16 images, each GPU's loss on its own images, gradients averaged. The fields are read
+  as they are (``configuration.validate`` checks them).
+
+  When ``mesh`` is given and every group lies within one device's shard of the batch (the batch
+  split over the mesh's 'data' axis, group_size dividing the per-device batch), each device
+  computes the losses of its own groups (``jax.shard_map``) and one scalar ``pmean`` combines
+  them: no image crosses devices. Otherwise the batch is reshaped into groups and XLA partitions
+  the computation.
 
   Args:
-    loss_config: ``config.loss`` with lambda_dice, lambda_lovasz (numbers >= 0) and
-      lovasz_per_image, dice_per_class, bce_over_all_pixels (bools).
+    loss_config: ``config.loss``: lambda_dice, lambda_lovasz (numbers >= 0), lovasz_per_image,
+      dice_per_class, bce_over_all_pixels (bools), group_size (int >= 0).
+    mesh: the mesh whose 'data' axis splits the batch, or None. With an Explicit-axes mesh
+      the inputs must already be split along 'data' (an Auto mesh reshards them as needed).
 
   Returns:
-    ``loss(logits (B,H,W,C), labels (B,H,W,C), valid (B,H,W)) -> float32 scalar`` (``hybrid``).
-
-  Raises:
-    ValueError: naming the missing or bad ``config.loss`` field.
+    ``loss(logits (B,H,W,C), labels (B,H,W,C), valid (B,H,W)) -> float32 scalar``; it raises a
+    ValueError naming ``config.loss.group_size`` when that does not divide B.
   """
-  settings = {}
-  for name in _WEIGHT_FIELDS + _SWITCH_FIELDS:
-    if name not in loss_config:
-      raise ValueError(f'config.loss.{name} is missing')
-    settings[name] = loss_config[name]
-  for name in _WEIGHT_FIELDS:
-    value = settings[name]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-      raise ValueError(f'config.loss.{name} must be a number >= 0; got {value!r}')
-  for name in _SWITCH_FIELDS:
-    if not isinstance(settings[name], bool):
-      raise ValueError(f'config.loss.{name} must be a bool; got {settings[name]!r}')
-  return functools.partial(hybrid, **settings)
+  group_loss = functools.partial(
+      hybrid, lambda_dice=loss_config.lambda_dice, lambda_lovasz=loss_config.lambda_lovasz,
+      lovasz_per_image=loss_config.lovasz_per_image, dice_per_class=loss_config.dice_per_class,
+      bce_over_all_pixels=loss_config.bce_over_all_pixels)
+  group_size = loss_config.group_size
+
+  def loss(logits: jax.Array, labels: jax.Array, valid: jax.Array) -> jax.Array:
+    batch = logits.shape[0]
+    if group_size in (0, batch):
+      return group_loss(logits, labels, valid)
+    if batch % group_size:
+      raise ValueError(f'config.loss.group_size={group_size} does not divide the batch of '
+                       f'{batch} images')
+    grouped = functools.partial(_group_mean, group_loss, group_size)
+    devices = mesh.shape[DATA_AXIS] if mesh is not None else 0
+    if devices and batch % devices == 0 and (batch // devices) % group_size == 0:
+      per_device = lambda x, y, v: lax.pmean(grouped(x, y, v), DATA_AXIS)
+      return jax.shard_map(per_device, mesh=mesh, in_specs=P(DATA_AXIS),
+                           out_specs=P())(logits, labels, valid)
+    return grouped(logits, labels, valid)
+
+  return loss

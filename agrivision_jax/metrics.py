@@ -1,16 +1,29 @@
-"""The official Agriculture-Vision confusion matrix and mIoU.
+"""Validation metrics: the official Agriculture-Vision confusion matrix and mIoU (the headline
+``miou``), and beside it the authors' validation IoU (``miou_authors``).
 
-Rule (challenge definition): for each valid pixel with prediction ``x = argmax`` over the classes
-(ties go to the lowest class index) and label set ``Y`` (``{background}`` when no class is set): if
-``x`` is in ``Y``, ``M[y, y] += 1`` for every ``y`` in ``Y``; otherwise ``M[x, y] += 1`` for every
-``y`` in ``Y``. Rows are predictions, columns targets. ``IoU_c = M[c, c] / (row_c + col_c -
-M[c, c])`` and the mIoU is the mean over classes, background included.
+Official rule (challenge definition): for each valid pixel with prediction ``x = argmax`` over the
+classes (ties go to the lowest class index) and label set ``Y`` (``{background}`` when no class is
+set): if ``x`` is in ``Y``, ``M[y, y] += 1`` for every ``y`` in ``Y``; otherwise ``M[x, y] += 1``
+for every ``y`` in ``Y``. Rows are predictions, columns targets. ``IoU_c = M[c, c] / (row_c +
+col_c - M[c, c])`` and the mIoU is the mean over classes, background included. The challenge
+averages over all C classes and leaves IoU_c undefined when class c is neither predicted nor
+labelled (0 / 0; this does not happen on the full validation or test set, where every class is
+labelled). Here such a class has IoU NaN (written as JSON null) and is left out of the mean; the
+mIoU is NaN only when no class has a denominator.
 
-A class that is neither predicted nor labelled anywhere (zero denominator) has IoU NaN and is left
-out of the mean; the mIoU is NaN only when no class has a denominator.
+The authors' IoU (LAOS-Y/AgriVision, train.py ``val`` and utils.py ``intersectionAndUnion``) is
+a multi-label IoU per class: the prediction of class c is ``logit_c > 0`` (their logits are set to
+-32768 and their labels to 0 at invalid pixels, so invalid pixels count nowhere), and over the
+whole split ``IoU_c = I_c / (U_c + 1e-10)`` with ``I_c = sum(label_c * pred_c)`` and ``U_c =
+sum(label_c) + sum(pred_c) - I_c``; ``miou_authors`` is the plain mean over all C classes. Their
+loop sums the counts over the batches (``AverageMeter.sum``) and over GPUs (all-reduce), so the
+IoU is of the summed counts, not a mean of per-batch IoUs; a class with no prediction and no label
+gets 0 (their 1e-10), not NaN, and counts in their mean. Their float sums are exact integer counts
+here; their validation loader drops the last incomplete batch of each GPU (``drop_last=True``),
+which is not reproduced (every image is counted).
 
-``confusion_matrix`` runs inside jit on a batch (int32, exact); ``ConfusionMetric`` accumulates
-matrices on the host in int64, so a whole validation set (4,431 tiles x 262,144 pixels, each pixel
+``batch_counts`` runs inside jit on a batch (int32, exact); ``SegmentationMetric`` accumulates the
+counts on the host in int64, so a whole validation set (4,431 tiles x 262,144 pixels, each pixel
 counted |Y| times) cannot overflow.
 """
 from collections.abc import Sequence
@@ -21,6 +34,17 @@ import jax.numpy as jnp
 import numpy as np
 
 _INT32_LIMIT = 2**31
+
+
+def _check_shapes(logits: jax.Array, labels: jax.Array, valid: jax.Array) -> None:
+  """ValueError unless logits, labels are (B, H, W, C) and valid (B, H, W) with B*H*W < 2**31
+  (so that no int32 count of the batch can overflow)."""
+  if logits.ndim != 4 or labels.shape != logits.shape or valid.shape != logits.shape[:-1]:
+    raise ValueError('expected logits (B, H, W, C), labels (B, H, W, C), valid (B, H, W); got '
+                     f'{logits.shape}, {labels.shape}, {valid.shape}')
+  if valid.size >= _INT32_LIMIT:
+    raise ValueError(f'{valid.size} pixels in one batch could overflow int32 counts; '
+                     'split the batch')
 
 
 def confusion_matrix(logits: jax.Array, labels: jax.Array, valid: jax.Array) -> jax.Array:
@@ -37,13 +61,8 @@ def confusion_matrix(logits: jax.Array, labels: jax.Array, valid: jax.Array) -> 
   Raises:
     ValueError: on inconsistent shapes, or B*H*W >= 2**31 (an entry could overflow int32).
   """
-  if logits.ndim != 4 or labels.shape != logits.shape or valid.shape != logits.shape[:-1]:
-    raise ValueError('expected logits (B, H, W, C), labels (B, H, W, C), valid (B, H, W); got '
-                     f'{logits.shape}, {labels.shape}, {valid.shape}')
+  _check_shapes(logits, labels, valid)
   batch, num_classes = logits.shape[0], logits.shape[-1]
-  if valid.size >= _INT32_LIMIT:
-    raise ValueError(f'{valid.size} pixels in one batch could overflow int32 counts; '
-                     'split the batch')
   prediction = jnp.argmax(logits, axis=-1)
   targets = labels > 0.5
   targets = targets.at[..., 0].set(targets[..., 0] | ~jnp.any(targets, axis=-1))
@@ -82,15 +101,12 @@ def iou_from_confusion(matrix: Any) -> tuple[np.ndarray, float]:
   return per_class, miou
 
 
-_confusion_matrix_jit = jax.jit(confusion_matrix)
-
-
 class ConfusionMetric:
   """Mergeable official-mIoU metric: an int64 (C, C) confusion matrix on the host.
 
   Usage: ``update`` (in place) with the (C, C) int32 matrix of each step (or a (..., C, C) stack
-  of per-device or per-step matrices), or build with ``from_model_output`` / ``from_confusion`` and
-  combine with ``merge``; ``compute`` gives ``{'miou': float, 'iou/<class name>': float}``.
+  of per-device or per-step matrices), combine with ``merge``; ``compute`` gives
+  ``{'miou': float, 'iou/<class name>': float}``.
   """
 
   def __init__(self, num_classes: int, class_names: Sequence[str]):
@@ -100,17 +116,6 @@ class ConfusionMetric:
       raise ValueError(f'class_names must name the {num_classes} classes; got {class_names}')
     self.class_names = class_names
     self.matrix = np.zeros((num_classes, num_classes), np.int64)
-
-  @classmethod
-  def from_confusion(cls, matrix: Any, class_names: Sequence[str]) -> 'ConfusionMetric':
-    """Metric holding ``matrix`` ((..., C, C) integer counts, leading axes summed)."""
-    return cls(len(class_names), class_names).update(matrix)
-
-  @classmethod
-  def from_model_output(cls, logits: jax.Array, labels: jax.Array, valid: jax.Array,
-                        class_names: Sequence[str]) -> 'ConfusionMetric':
-    """Metric of one batch: logits, labels (B, H, W, C), valid (B, H, W) (``confusion_matrix``)."""
-    return cls.from_confusion(_confusion_matrix_jit(logits, labels, valid), class_names)
 
   def update(self, matrix: Any) -> 'ConfusionMetric':
     """Adds (..., C, C) non-negative integer counts (numpy or jax) in int64; returns self."""
@@ -140,31 +145,78 @@ class ConfusionMetric:
     return result
 
 
+def authors_counts(logits: jax.Array, labels: jax.Array,
+                   valid: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per-class counts of the authors' multi-label IoU for one batch (jit-able).
+
+  Args:
+    logits: (B, H, W, C) per-class logits; class c is predicted where ``logit_c > 0``.
+    labels: (B, H, W, C) multi-hot targets (set where > 0.5).
+    valid: (B, H, W) bool; invalid pixels are counted nowhere.
+
+  Returns:
+    (intersection (C,) int32: valid pixels both predicted and labelled c,
+     union (C,) int32: valid pixels predicted or labelled c). Each image is reduced on its own
+    and the per-image counts are then summed, so a batch split over devices is reduced locally.
+  """
+  _check_shapes(logits, labels, valid)
+  mask = valid[..., None]
+  predicted = (logits > 0) & mask
+  labelled = (labels > 0.5) & mask
+  per_image = lambda x: jnp.sum(x, axis=(1, 2), dtype=jnp.int32)  # (B, C)
+  intersection = jnp.sum(per_image(predicted & labelled), axis=0)
+  union = jnp.sum(per_image(predicted | labelled), axis=0)
+  return intersection, union
+
+
 def batch_counts(logits: jax.Array, labels: jax.Array, valid: jax.Array) -> dict[str, jax.Array]:
   """Every validation count of one batch (jit-able); sum them over batches, then ``compute``.
 
   Args:
-    logits: (B, H, W, C) per-class scores.
+    logits: (B, H, W, C) per-class logits.
     labels: (B, H, W, C) multi-hot targets.
     valid: (B, H, W) bool.
 
   Returns:
-    {'confusion': (C, C) int32 official confusion matrix}.
+    {'confusion': (C, C) int32 official confusion matrix,
+     'intersection': (C,) int32 and 'union': (C,) int32, the authors' IoU counts
+     (``authors_counts``)}.
   """
-  return {'confusion': confusion_matrix(logits, labels, valid)}
+  intersection, union = authors_counts(logits, labels, valid)
+  return {'confusion': confusion_matrix(logits, labels, valid), 'intersection': intersection,
+          'union': union}
 
 
 class SegmentationMetric:
   """Host accumulator of ``batch_counts`` (int64); ``compute`` gives every validation metric."""
 
   def __init__(self, class_names: Sequence[str]):
+    """Empty metric over the classes ``class_names`` (in class-index order)."""
     self._confusion = ConfusionMetric(len(class_names), class_names)
+    self._intersection = np.zeros(len(class_names), np.int64)
+    self._union = np.zeros(len(class_names), np.int64)
 
   def update(self, counts: dict[str, Any]) -> 'SegmentationMetric':
     """Adds one ``batch_counts`` result (leading axes, e.g. stacked steps, are summed)."""
     self._confusion.update(counts['confusion'])
+    size = len(self._union)
+    for name in ('intersection', 'union'):
+      values = np.asarray(counts[name])
+      if values.shape[-1:] != (size,) or not np.issubdtype(values.dtype, np.integer):
+        raise ValueError(f"expected integer (..., {size}) '{name}' counts; got {values.dtype} "
+                         f'{values.shape}')
+      if np.any(values < 0):
+        raise ValueError(f"'{name}' counts must be >= 0 (an int32 per-batch count overflowed?)")
+    self._intersection += np.asarray(counts['intersection'], np.int64).reshape(-1, size).sum(0)
+    self._union += np.asarray(counts['union'], np.int64).reshape(-1, size).sum(0)
     return self
 
   def compute(self) -> dict[str, float]:
-    """{'miou', 'iou/<class name>'}: NaN for a class never predicted nor labelled."""
-    return self._confusion.compute()
+    """{'miou', 'iou/<class>'} (official; NaN for a class never predicted nor labelled) and
+    {'miou_authors', 'iou_authors/<class>'} (the authors' IoU: 0 for such a class)."""
+    result = self._confusion.compute()
+    authors = self._intersection / (self._union + 1e-10)
+    result['miou_authors'] = float(authors.mean())
+    result.update({f'iou_authors/{name}': float(iou)
+                   for name, iou in zip(self._confusion.class_names, authors)})
+    return result

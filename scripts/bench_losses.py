@@ -1,13 +1,15 @@
-"""Wall time of the hybrid loss (value and gradient) and of the official confusion matrix.
+"""Wall time of the hybrid loss (value and gradient) and of the validation counts.
 
   python scripts/bench_losses.py [--batch_size=32] [--size=512] [--num_classes=7] [--repeats=3]
-      [--compare_sorts]
+      [--group_size=16] [--compare_sorts]
 
 At paper scale (32 x 512 x 512 x 7) on the default JAX backend: jitted ``value_and_grad`` of
 ``hybrid`` (lambda_dice = lambda_lovasz = 1), its value alone (the eval path), the Lovasz term
-alone, BCE + Dice alone, and ``confusion_matrix``; then the sorts the Lovasz term runs, timed
-alone on the same (C, B*H*W) operands, and their share of the Lovasz and hybrid times.
-``--compare_sorts`` also times the alternatives (float keys, (error, label) pairs, argsort).
+alone, BCE + Dice alone, the training loss of ``make_loss`` with loss groups of ``--group_size``
+images (the batch split over every device along 'data'), and ``metrics.batch_counts``; then the
+sort the Lovasz term runs (one int32 sort, for the value and for the gradient), timed alone on
+the same (C, B*H*W) operands, and its share of the Lovasz and hybrid times. ``--compare_sorts``
+also times the alternatives (float keys, (error, label) pairs, (key, index) pairs, argsort).
 Times are medians over ``--repeats`` runs after one compile run. Prints one line per figure and
 a final JSON line.
 """
@@ -19,6 +21,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 from absl import app
 from absl import flags
 from jax import lax
@@ -30,6 +33,7 @@ _BATCH_SIZE = flags.DEFINE_integer('batch_size', 32, 'images per batch')
 _SIZE = flags.DEFINE_integer('size', 512, 'tile height and width')
 _NUM_CLASSES = flags.DEFINE_integer('num_classes', 7, 'classes (background included)')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'timed runs after the compile run (median)')
+_GROUP_SIZE = flags.DEFINE_integer('group_size', 16, 'images per loss group (0: the batch)')
 _COMPARE_SORTS = flags.DEFINE_boolean('compare_sorts', False,
                                       'also time alternative sort formulations')
 
@@ -92,20 +96,23 @@ def main(argv):
   report('lovasz_value_and_grad', loss_timer(losses.lovasz_hinge, True))
   report('lovasz_value', loss_timer(losses.lovasz_hinge, False))
   report('bce_dice_value_and_grad', loss_timer(bce_dice, True))
-  report('confusion_matrix', median_seconds(jax.jit(metrics.confusion_matrix),
-                                              logits, labels, valid))
+  mesh = jax.make_mesh((jax.device_count(),), ('data',))
+  data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  grouped = losses.make_loss(ml_collections.ConfigDict(dict(
+      lambda_dice=1.0, lambda_lovasz=1.0, lovasz_per_image=False, dice_per_class=False,
+      bce_over_all_pixels=False, group_size=_GROUP_SIZE.value)), mesh)
+  results['group_size'], results['devices'] = _GROUP_SIZE.value, jax.device_count()
+  report('grouped_hybrid_value_and_grad', median_seconds(
+      jax.jit(jax.value_and_grad(grouped)),
+      *(jax.device_put(x, data) for x in (logits, labels, valid))))
+  report('batch_counts', median_seconds(jax.jit(metrics.batch_counts), logits, labels, valid))
 
   errors, positive, keys = jax.jit(sort_operands)(logits, labels, valid)
-  iota = lax.broadcasted_iota(jnp.int32, keys.shape, 1)
-  # The gradient path sorts (key, index) pairs; the value-only path sorts the keys alone.
-  report('sort_key_index_pairs', median_seconds(
-      jax.jit(lambda k, i: lax.sort((k, i), num_keys=1, is_stable=False)), keys, iota))
+  # Value and gradient paths each sort the int32 keys alone, once.
   report('sort_keys_only', median_seconds(
       jax.jit(lambda k: lax.sort(k, is_stable=False)), keys))
-  shares = {'sort_share_of_lovasz_value_and_grad': ('sort_key_index_pairs',
-                                                     'lovasz_value_and_grad'),
-            'sort_share_of_hybrid_value_and_grad': ('sort_key_index_pairs',
-                                                    'hybrid_value_and_grad'),
+  shares = {'sort_share_of_lovasz_value_and_grad': ('sort_keys_only', 'lovasz_value_and_grad'),
+            'sort_share_of_hybrid_value_and_grad': ('sort_keys_only', 'hybrid_value_and_grad'),
             'sort_share_of_lovasz_value': ('sort_keys_only', 'lovasz_value')}
   for name, (part, whole) in shares.items():
     for clock in ('', '_cpu'):
@@ -118,6 +125,9 @@ def main(argv):
         jax.jit(lambda e: jnp.sort(-e, axis=-1)), errors))
     report('alt_sort_float_error_label_pairs', median_seconds(
         jax.jit(lambda e, y: lax.sort((-e, y), num_keys=1)), errors, positive))
+    iota = lax.broadcasted_iota(jnp.int32, keys.shape, 1)
+    report('alt_sort_key_index_pairs', median_seconds(
+        jax.jit(lambda k, i: lax.sort((k, i), num_keys=1, is_stable=False)), keys, iota))
     report('alt_argsort_float_errors', median_seconds(
         jax.jit(lambda e: jnp.argsort(-e, axis=-1)), errors))
   print(json.dumps(results))

@@ -28,11 +28,22 @@ def load_run(path: str) -> dict:
 
 
 def default_label(run: dict, path: str) -> str:
-  """'<arch> ibn=<mode> (<workdir name>)' from a run's settings."""
+  """'<arch> ibn=<mode>[ per batch] (<workdir name>)' from a run's settings."""
   settings = run['settings']
   name = os.path.basename(os.path.normpath(os.path.dirname(path) if path.endswith('.json')
                                            else path))
-  return f"{settings['arch']} ibn={settings['ibn_mode']} ({name})"
+  pooling = ' per batch' if settings.get('pooling') == 'batch' else ''
+  return f"{settings['arch']} ibn={settings['ibn_mode']}{pooling} ({name})"
+
+
+def describe(values: list[float | None]) -> str:
+  """'N layers, mean divergence M, last layer L' over the layers with a divergence (None: a
+  layer whose plain formula is infinite, var_floor=0)."""
+  defined = [value for value in values if value is not None]
+  mean = f'{sum(defined) / len(defined):.4f}' if defined else 'null'
+  last = 'null' if values[-1] is None else f'{values[-1]:.4f}'
+  return (f'{len(values)} layers ({len(values) - len(defined)} null), mean divergence {mean}, '
+          f'last layer {last}')
 
 
 def main(argv: list[str]) -> None:
@@ -51,9 +62,7 @@ def main(argv: list[str]) -> None:
   divergence.plot_divergence([(label, run['layers']) for label, run in zip(labels, runs)],
                              args.out, title=args.title)
   for label, run in zip(labels, runs):
-    values = [layer['divergence'] for layer in run['layers']]
-    print(f'{label}: {len(values)} layers, mean divergence {sum(values) / len(values):.4f}, '
-          f'last layer {values[-1]:.4f}')
+    print(f"{label}: {describe([layer['divergence'] for layer in run['layers']])}")
   print(f'wrote {args.out}')
 
 

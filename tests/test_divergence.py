@@ -15,6 +15,7 @@ from agrivision_jax import data as data_lib
 from agrivision_jax import divergence
 from agrivision_jax import models
 from agrivision_jax import train
+from agrivision_jax.configs import common
 
 
 def _kl_by_integration(mean_p, var_p, mean_q, var_q):
@@ -94,8 +95,29 @@ def test_layer_divergence_floors_variances_relative_to_the_layer():
                                        divergence.ChannelStats.from_samples(1e3 * b), 0.01)
   np.testing.assert_allclose(scaled[0], value, rtol=1e-9)
   # Without a floor the formula is undefined for the dead channels; identical fits give 0.
-  assert divergence.layer_divergence(stats_a, stats_b, 0.0) == (None, 0)
+  assert divergence.layer_divergence(stats_a, stats_b, 0.0) == (None, 2)
   assert divergence.layer_divergence(stats_a, stats_a, 0.01)[0] == 0.0
+
+
+def test_var_floor_zero_is_the_papers_formula():
+  """Without a floor: the mean over channels of KL(A||B) + KL(B||A) of the Gaussians fitted to
+  each channel's samples (unbiased variance), the KL by numerical integration."""
+  rng = np.random.default_rng(8)
+  a = rng.normal(0.3, 1.0, size=(9, 4)) * np.arange(1, 5)
+  b = rng.normal(1.0, 2.0, size=(11, 4))
+  value, below = divergence.layer_divergence(divergence.ChannelStats.from_samples(a),
+                                             divergence.ChannelStats.from_samples(b), 0.0)
+  expected = [_kl_by_integration(a[:, c].mean(), a[:, c].var(ddof=1), b[:, c].mean(),
+                                 b[:, c].var(ddof=1))
+              + _kl_by_integration(b[:, c].mean(), b[:, c].var(ddof=1), a[:, c].mean(),
+                                   a[:, c].var(ddof=1))
+              for c in range(4)]
+  np.testing.assert_allclose(value, np.mean(expected), rtol=1e-6)
+  assert below == 0
+  # The default floor changes the value, so the test above can tell the two apart.
+  floored, _ = divergence.layer_divergence(divergence.ChannelStats.from_samples(a),
+                                           divergence.ChannelStats.from_samples(b), 0.01)
+  assert abs(floored - value) > 1e-4 * value
 
 
 def tiny_model_config(arch: str = 'resnet50', in_channels: int = 4, ibn_mode: str = 's') -> dict:
@@ -105,28 +127,15 @@ def tiny_model_config(arch: str = 'resnet50', in_channels: int = 4, ibn_mode: st
               width=4, aspp_channels=8, decoder_channels=8, low_level_channels=4)
 
 
-def load_default_configs():
-  """configs/default.py as a module."""
-  path = pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'default.py'
-  spec = importlib.util.spec_from_file_location('analysis_tests_default_config', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def tiny_experiment_config(data_dir: str) -> ml_collections.ConfigDict:
   """The IBN-Net50-s row shrunk to ``tiny_model_config`` on 32x32 synthetic tiles (6 val, 3 test),
   with the divergence and predict settings at their defaults and batches of 8 (one per device)."""
-  config = load_default_configs().get_config('depth=50', ibn_mode='s')
+  config = common.get_config('depth=50', ibn_mode='s')
   config.model.update({k: v for k, v in tiny_model_config().items() if k in config.model})
   config.data.update(dict(source='synthetic', data_dir=data_dir, image_size=32, batch_size=8,
                           eval_batch_size=8, num_workers=0))
   config.data.synthetic.update(dict(num_train=8, num_val=6, num_test=3, size=32, seed=0))
-  config.divergence = ml_collections.ConfigDict(dict(
-      split='val', num_images=0, batch_size=8, valid_only=False, random_init=False,
-      pairing='replicate', var_floor=0.01))
-  config.predict = ml_collections.ConfigDict(dict(split='val', tta='none', num_overlays=4,
-                                                  batch_size=8))
+  config.predict.update(dict(split='val', tta='none', num_overlays=4, batch_size=8))
   return config
 
 
@@ -216,7 +225,7 @@ def test_streaming_statistics_match_direct_computation_for_any_batch_size(tiny_r
   mesh = train.create_mesh(jax.devices()[:1])
   images, valid, ids = _split_images()
   results = [divergence.accumulate_statistics(model, variables, _batches(images, valid, ids, size),
-                                              mesh, pairing='replicate', valid_only=True)
+                                              mesh, pairing='replicate', valid_only=True)[:2]
              for size in (2, 4)]
 
   # Reference: every kept image's features at once, weighted means and variances in float64.
@@ -238,17 +247,69 @@ def test_streaming_statistics_match_direct_computation_for_any_batch_size(tiny_r
   assert list(results[0][0]) == models.backbone_layer_names('resnet50')
 
 
+def _brute_force_batch_pooling(model, variables, images, valid, ids, batch_size, valid_only):
+  """The authors' statistics by brute force: every image's features at once; per batch of
+  ``batch_size`` images, each channel's mean over the kept images' pixels (weighted by the valid
+  area under each feature pixel with ``valid_only``); then the mean and unbiased variance of
+  those batch means across the batches. Returns {layer: (mean_a, var_a, mean_b, var_b)}."""
+  rgbr = np.concatenate([images[..., :3], images[..., :1]], axis=-1)
+  nir4 = np.repeat(images[..., 3:], 4, axis=-1)
+  features = models.capture_layer_outputs(model, variables,
+                                          jnp.asarray(np.concatenate([rgbr, nir4])))
+  kept = (ids != '') & (valid.any(axis=(1, 2)) if valid_only else True)
+  count = len(images)
+  result = {}
+  for name, layer_features in features.items():
+    layer_features = np.asarray(layer_features, np.float64)
+    if valid_only:
+      weights = _area_weights_brute_force(valid, layer_features.shape[1:3])[..., None]
+    else:
+      weights = np.ones(layer_features.shape[:3] + (1,))[:count]
+    fits = []
+    for modality in (layer_features[:count], layer_features[count:]):
+      batch_means = []
+      for start in range(0, count, batch_size):
+        rows = np.flatnonzero(kept[start:start + batch_size]) + start
+        if len(rows):
+          batch_means.append((modality[rows] * weights[rows]).sum(axis=(0, 1, 2))
+                             / weights[rows].sum())
+      batch_means = np.stack(batch_means)
+      fits += [batch_means.mean(axis=0), batch_means.var(axis=0, ddof=1)]
+    result[name] = fits
+  return result
+
+
+@pytest.mark.parametrize('batch_size, valid_only', [(2, True), (4, True), (4, False)])
+def test_batch_pooling_matches_brute_force(tiny_r50, batch_size, valid_only):
+  model, variables = tiny_r50
+  mesh = train.create_mesh(jax.devices()[:1])
+  images, valid, ids = _split_images()
+  stats_a, stats_b, used = divergence.accumulate_statistics(
+      model, variables, _batches(images, valid, ids, batch_size), mesh, pairing='replicate',
+      valid_only=valid_only, pooling='batch')
+  assert used == (6 if valid_only else 7)
+  expected = _brute_force_batch_pooling(model, variables, images, valid, ids, batch_size,
+                                        valid_only)
+  assert list(stats_a) == list(expected)
+  for name, (mean_a, var_a, mean_b, var_b) in expected.items():
+    assert stats_a[name].count == stats_b[name].count == (3 if batch_size == 2 else 2)
+    np.testing.assert_allclose(stats_a[name].mean, mean_a, rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(stats_b[name].mean, mean_b, rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(stats_a[name].variance(), var_a, rtol=2e-4, atol=1e-7)
+    np.testing.assert_allclose(stats_b[name].variance(), var_b, rtol=2e-4, atol=1e-7)
+
+
 def test_identical_inputs_give_zero_divergence_at_every_layer(tiny_r50):
   model, variables = tiny_r50
   mesh = train.create_mesh(jax.devices()[:1])
   images, valid, ids = _split_images(seed=7)
   stats = divergence.accumulate_statistics(model, variables, _batches(images, valid, ids, 4), mesh,
-                                           pairing='replicate', valid_only=True)
+                                           pairing='replicate', valid_only=True)[:2]
   different = divergence.summarize(*stats, var_floor=0.01)
   assert all(layer['divergence'] > 1e-3 for layer in different)
   images[..., :3] = images[..., 3:]   # RGB := NIR, so A = (R,G,B,R) equals B = (N,N,N,N)
   stats = divergence.accumulate_statistics(model, variables, _batches(images, valid, ids, 4), mesh,
-                                           pairing='replicate', valid_only=True)
+                                           pairing='replicate', valid_only=True)[:2]
   layers = divergence.summarize(*stats, var_floor=0.01)
   assert [layer['name'] for layer in layers] == models.backbone_layer_names('resnet50')
   np.testing.assert_allclose([layer['divergence'] for layer in layers], 0.0, atol=1e-9)
@@ -259,7 +320,7 @@ def test_every_block_is_captured(arch, count):
   model = models.create_model(tiny_model_config(arch=arch, in_channels=3, ibn_mode='a'))
   variables = jax.eval_shape(
       lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
-  means_a, means_b = jax.eval_shape(
+  means_a, means_b, areas = jax.eval_shape(
       lambda v, x, m: divergence.channel_means(model, v, x, m, pairing='replicate',
                                                valid_only=True),
       variables, jax.ShapeDtypeStruct((2, 32, 48, 4), jnp.float32),
@@ -272,6 +333,7 @@ def test_every_block_is_captured(arch, count):
     stage = 0 if name == 'stem' else int(name[5])
     channels = width if stage == 0 else 4 * width * 2 ** (stage - 1)
     assert means_a[name].shape == means_b[name].shape == (2, channels)
+    assert areas[name].shape == (2,)
 
 
 @pytest.fixture(scope='module')
@@ -292,7 +354,8 @@ def test_run_writes_json_stats_and_plot(data_dir, tmp_path, monkeypatch):
   with open(tmp_path / 'divergence.json') as f:
     written = json.load(f)
   assert written == json.loads(json.dumps(result))
-  assert written['settings']['num_images'] == with_valid > 2
+  assert written['settings']['num_images'] == written['settings']['num_samples'] == with_valid > 2
+  assert written['settings']['pooling'] == 'image'
   assert written['settings']['input_a'] == 'R,G,B,R' and written['settings']['random_init']
   names = models.backbone_layer_names('resnet50')
   assert [layer['name'] for layer in written['layers']] == names
@@ -307,6 +370,10 @@ def test_run_writes_json_stats_and_plot(data_dir, tmp_path, monkeypatch):
 
   config.divergence.num_images = 2
   assert divergence.run(config, str(tmp_path))['settings']['num_images'] == 2
+  # Per-batch statistics of a split that fills one batch: one sample, no Gaussian fit.
+  config.divergence.update(dict(num_images=0, pooling='batch'))
+  with pytest.raises(ValueError, match='at least 2 samples .* got 1'):
+    divergence.run(config, str(tmp_path))
 
 
 def test_run_without_checkpoint_names_the_workdir(data_dir, tmp_path):
@@ -314,10 +381,11 @@ def test_run_without_checkpoint_names_the_workdir(data_dir, tmp_path):
     divergence.run(tiny_experiment_config(data_dir), str(tmp_path))
 
 
-def test_bad_divergence_config_is_named(data_dir, tmp_path):
+@pytest.mark.parametrize('field', ['pairing', 'pooling'])
+def test_bad_divergence_config_is_named(data_dir, tmp_path, field):
   config = tiny_experiment_config(data_dir)
-  config.divergence.pairing = 'mean'
-  with pytest.raises(ValueError, match='config.divergence.pairing'):
+  config.divergence[field] = 'mean'
+  with pytest.raises(ValueError, match=f'config.divergence.{field}'):
     divergence.run(config, str(tmp_path))
 
 
@@ -345,6 +413,7 @@ def test_plot_script_overlays_runs_with_a_legend(tmp_path):
   plot_script = _load_script('plot_divergence')
   layers = [{'index': i, 'name': name, 'divergence': 1.0 / (i + 1)}
             for i, name in enumerate(models.backbone_layer_names('resnet50'))]
+  layers[3]['divergence'] = None  # var_floor=0 and a constant channel: not plotted
   for run_name in ('r50', 'ibn50_s'):
     (tmp_path / run_name).mkdir()
     with open(tmp_path / run_name / 'divergence.json', 'w') as f:
@@ -354,5 +423,9 @@ def test_plot_script_overlays_runs_with_a_legend(tmp_path):
                     '--labels=ResNet-50,IBN-Net50-s', f'--out={out}'])
   with Image.open(out) as image:
     assert image.format == 'PNG'
+  values = [layer['divergence'] for layer in layers]
+  mean = np.mean([value for value in values if value is not None])
+  assert plot_script.describe(values) == (f'17 layers (1 null), mean divergence {mean:.4f}, '
+                                          'last layer 0.0588')
   with pytest.raises(FileNotFoundError, match='divergence.json'):
     plot_script.main([str(tmp_path), f'--out={out}'])
