@@ -196,7 +196,7 @@ def test_constant_logit_model_gives_a_constant_map_without_seams(tmp_path, monke
   assert result['class_map'].endswith('rgb_classes.png') and classes.shape == (130, 190)
   np.testing.assert_array_equal(classes[:, :150], 3)
   np.testing.assert_array_equal(classes[:, 150:], 255)
-  assert result['classes']['standing_water']['pixels'] == 130 * 150
+  assert result['classes']['planter_skip']['pixels'] == 130 * 150
   assert result['nodata_pixels'] == 130 * 40 and result['georef'] is None
 
 
