@@ -42,6 +42,8 @@ NODATA_CLASS = 255
 # band_order letters: R, G, B, N (near-infrared), A (alpha: 0 = nodata), X (a band to ignore).
 BAND_LETTERS = 'RGBNAX'
 REQUIRED_BANDS = {'nrgb': 'RGBN', 'rgb': 'RGB', 'nir': 'N'}
+# The overlay figure's panels are ~300 px wide: its pictures are subsampled to this side at most.
+FIGURE_PIXELS = 600
 
 
 def parse_inputs(inputs: str) -> list[tuple[str, ...]]:
@@ -268,8 +270,8 @@ class _Summary:
     for classes, image in blocks:
       self.counts += np.bincount(classes.ravel(), minlength=256)
       rows = slice((-self._top) % self.step, None, self.step)
-      self.classes.append(classes[rows, ::self.step])
-      self.images.append(image[rows, ::self.step])
+      self.classes.append(classes[rows, ::self.step].copy())   # copies: views keep the strips
+      self.images.append(image[rows, ::self.step].copy())
       self._top += classes.shape[0]
       yield classes
 
@@ -288,7 +290,9 @@ def _write_previews(stem: str, out_dir: str, summary: _Summary,
   preview = os.path.join(out_dir, f'{stem}_preview.png')
   Image.fromarray(blend).save(preview)
   figure = os.path.join(out_dir, f'{stem}_overlay.png')
-  overlay.save_overlay(figure, image, shown, valid, class_names, title=stem)
+  step = max(1, math.ceil(max(shown.shape) / FIGURE_PIXELS))
+  overlay.save_overlay(figure, image[::step, ::step], shown[::step, ::step],
+                       valid[::step, ::step], class_names, title=stem)
   return preview, figure
 
 
@@ -380,10 +384,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   os.makedirs(out_dir, exist_ok=True)
   class_names = data_lib.class_names(config.data.version)
   results = []
-  for stem, source in zip(stems, sources):
-    try:
-      results.append(predict_field(source, forward, config, out_dir, stem, class_names))
-    finally:
-      source.close()
-    logging.info('field %s: %s', stem, results[-1]['class_map'])
+  with field_io.raster_environment(backend):
+    for stem, source in zip(stems, sources):
+      try:
+        results.append(predict_field(source, forward, config, out_dir, stem, class_names))
+      finally:
+        source.close()
+      logging.info('field %s: %s', stem, results[-1]['class_map'])
   return {'output_dir': out_dir, 'fields': results}

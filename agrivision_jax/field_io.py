@@ -11,6 +11,7 @@ ModelTransformation 34264, GeoKeyDirectory 34735, GeoDoubleParams 34736, GeoAsci
 are copied verbatim onto the class map, which has the same pixel grid.
 """
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -27,6 +28,8 @@ GEOTIFF_TAGS = (33550, 33922, 34264, 34735, 34736, 34737)
 GDAL_NODATA_TAG = 42113
 TIFF_SUFFIXES = ('.tif', '.tiff')
 OUTPUT_TILE = 256
+# GDAL's block cache (default 5% of RAM): enough for the tile rows a window row spans.
+GDAL_CACHE_BYTES = 128 * 2**20
 # GeoKeyDirectory keys: ProjectedCSType, GeographicType, ProjLinearUnits; EPSG unit codes.
 _PROJECTED_CRS_KEY, _GEOGRAPHIC_CRS_KEY, _LINEAR_UNITS_KEY = 3072, 2048, 3076
 _UNITS = {9001: 'metre', 9002: 'foot', 9003: 'US survey foot'}
@@ -39,6 +42,14 @@ def rasterio_available() -> bool:
   except ImportError:
     return False
   return True
+
+
+def raster_environment(backend: str) -> contextlib.AbstractContextManager:
+  """The context to read and write in: for rasterio, a GDAL block cache of GDAL_CACHE_BYTES."""
+  if backend != 'rasterio':
+    return contextlib.nullcontext()
+  import rasterio  # pylint: disable=g-import-not-at-top (optional extra)
+  return rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES)
 
 
 @dataclasses.dataclass(frozen=True)
