@@ -170,10 +170,8 @@ def test_overlap_blending_equals_a_brute_force_weighted_sum(tmp_path, monkeypatc
       total[top:top + TILE, left:left + TILE] += logits * np.outer(ramp, ramp)[..., None]
   expected = np.argmax(total[:height, :width], -1)
   expected[(image == 0).all(-1)] = 255
-  top2 = np.sort(total[:height, :width], -1)[..., -2:]
-  decided = (top2[..., 1] - top2[..., 0] > 1e-4) | (expected == 255)
-  np.testing.assert_array_equal(classes[decided], expected[decided])
-  assert decided.mean() > 0.99 and (classes == 255).sum() == 50 * 50
+  np.testing.assert_array_equal(classes, expected)
+  assert (classes == 255).sum() == 50 * 50 and len(np.unique(classes)) > 2
 
 
 def test_constant_logit_model_gives_a_constant_map_without_seams(tmp_path, monkeypatch,
@@ -186,7 +184,7 @@ def test_constant_logit_model_gives_a_constant_map_without_seams(tmp_path, monke
   use_variables(monkeypatch, {'params': params, 'batch_stats': variables['batch_stats']},
                 'tifffile')
   image = random_field(130, 190, seed=3)
-  image[:, 150:] = 0                                        # nodata: all bands zero
+  image[:, 110:] = 0     # nodata (all bands zero); the windows at x = 120 and 144 are skipped
   Image.fromarray(image[..., :3]).save(tmp_path / 'rgb.png')
   Image.fromarray(image[..., 3]).save(tmp_path / 'nir.png')
   config = tiny_config(tmp_path, inputs=f'{tmp_path}/rgb.png + {tmp_path}/nir.png', overlap=40,
@@ -194,10 +192,10 @@ def test_constant_logit_model_gives_a_constant_map_without_seams(tmp_path, monke
   result = field.run(config, str(tmp_path))['fields'][0]
   classes = np.asarray(Image.open(result['class_map']))
   assert result['class_map'].endswith('rgb_classes.png') and classes.shape == (130, 190)
-  np.testing.assert_array_equal(classes[:, :150], 3)
-  np.testing.assert_array_equal(classes[:, 150:], 255)
-  assert result['classes']['planter_skip']['pixels'] == 130 * 150
-  assert result['nodata_pixels'] == 130 * 40 and result['georef'] is None
+  np.testing.assert_array_equal(classes[:, :110], 3)
+  np.testing.assert_array_equal(classes[:, 110:], 255)
+  assert result['classes']['planter_skip']['pixels'] == 130 * 110
+  assert result['nodata_pixels'] == 130 * 80 and result['georef'] is None
 
 
 def test_window_grid_and_weights():
@@ -267,3 +265,20 @@ def test_bad_inputs_are_one_line_errors_naming_the_file(tmp_path, monkeypatch):
   for name, value in (('overlap', TILE), ('band_order', 'RGB'), ('tta', 'd8'), ('nodata', -2)):
     with pytest.raises(ValueError, match=f'config.field.{name}'):
       field.run(tiny_config(tmp_path, inputs=missing, **{name: value}), str(tmp_path))
+
+
+@pytest.mark.parametrize('layout', [dict(rowsperstrip=7), dict(rowsperstrip=10, compression='zlib'),
+                                    dict(tile=(32, 48)), dict(planarconfig='separate', tile=(32, 32),
+                                                              compression='zlib')])
+def test_tiff_row_reads_equal_the_whole_image(tmp_path, layout):
+  image = np.random.default_rng(5).integers(0, 256, (203, 301, 4), dtype=np.uint8)
+  stored = np.moveaxis(image, -1, 0) if 'planarconfig' in layout else image
+  layout = {'planarconfig': 'contig', **layout}
+  tifffile.imwrite(tmp_path / 'f.tif', stored, photometric='minisblack', metadata=None, **layout)
+  whole = tifffile.imread(tmp_path / 'f.tif')
+  whole = np.moveaxis(whole, 0, -1) if layout['planarconfig'] == 'separate' else whole
+  np.testing.assert_array_equal(whole, image)
+  raster = field_io.open_raster(str(tmp_path / 'f.tif'), 'tifffile')
+  for y0, y1 in ((0, 203), (5, 70), (190, 203), (31, 33)):
+    np.testing.assert_array_equal(raster.read_rows(y0, y1), whole[y0:y1])
+  raster.close()
