@@ -108,7 +108,7 @@ class _TiffRaster(Raster):
     self.path, self.is_tiff = path, True
     try:
       self._tif = tifffile.TiffFile(path)
-      page = self._tif.pages.first
+      page = self._tif.pages[0]
       shape = page.shaped  # (separate samples, depth, length, width, contig samples)
     except (tifffile.TiffFileError, ValueError, IndexError, OSError) as e:
       raise BadFileError(path, f'not a readable TIFF ({e})') from e

@@ -121,7 +121,7 @@ def test_zero_overlap_equals_tile_by_tile_predict_and_keeps_georeferencing(
   assert (out.georef.crs, out.georef.units) == ('EPSG:32615', 'metre')
   assert out.nodata == (255.0,)
   if backend == 'tifffile':
-    written = tifffile.TiffFile(result['class_map']).pages.first.tags
+    written = tifffile.TiffFile(result['class_map']).pages[0].tags
     assert written[33550].value == PIXEL_SCALE and written[33922].value == TIEPOINT
     assert written[34735].value == GEOKEYS
   summary = json.load(open(tmp_path / 'out' / 'farm.json'))
