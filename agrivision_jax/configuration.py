@@ -27,7 +27,9 @@ from agrivision_jax.models.resnet import NUM_MULTI_GRID_BLOCKS
 DIVERGENCE_PAIRINGS = ('replicate', 'zero')
 DIVERGENCE_POOLINGS = ('image', 'batch')
 RESTORE_WORDS = ('latest', 'best')
-BANDS = 'RGBN'
+# field.band_order letters: R, G, B, N (near-infrared), A (alpha: 0 = nodata), X (a band to ignore).
+BAND_LETTERS = 'RGBNAX'
+REQUIRED_BANDS = {'nrgb': 'RGBN', 'rgb': 'RGB', 'nir': 'N'}
 SCRATCH = 'scratch'
 # ImageNet weights each row starts from: (ibn_mode, depth) -> file name. torchvision for plain
 # ResNets; IBN-Net (XingangPan/IBN-Net releases) for the others; IBN-s and IBN-ab load IBN-a's
@@ -151,12 +153,16 @@ RULES: dict[str, Rule] = {
     'predict.batch_size': POSITIVE_INT,
     'field.inputs': STRING,
     'field.output_dir': STRING,
-    'field.band_order': Rule(lambda v: isinstance(v, str) and sorted(v) == sorted(BANDS),
-                             f"the 4 letters {BANDS} in the files' band order, e.g. 'NRGB'"),
+    'field.band_order': Rule(
+        lambda v: (isinstance(v, str) and v != '' and set(v) <= set(BAND_LETTERS)
+                   and all(v.count(c) == 1 for c in v if c != 'X')),
+        f"one letter per file band from {BAND_LETTERS!r} (R, G, B, NIR, alpha, ignored), each "
+        "once but X, e.g. 'RGBN' or 'BGRNA'"),
     'field.overlap': NON_NEGATIVE_INT,
     'field.tta': TTA,
     'field.batch_size': POSITIVE_INT,
-    'field.nodata': Rule(_is_number, 'a number'),
+    'field.nodata': Rule(lambda v: _is_number(v) and (v == -1 or v >= 0),
+                         "-1 (the files' nodata tags) or a value >= 0"),
     'field.preview_size': POSITIVE_INT,
 }
 _REMOVED = {
@@ -300,6 +306,10 @@ def validate(config: ml_collections.ConfigDict, device_count: int = 1,
   _check(config.num_train_steps <= total, 'num_train_steps',
          f'({config.num_train_steps}) must not exceed config.optim.warmup_steps + constant_steps'
          f' + decay_steps ({total}): the poly schedule ends there')
+  needed = REQUIRED_BANDS[data.modality]
+  _check(set(needed) <= set(config.field.band_order), 'field.band_order',
+         f'({config.field.band_order!r}) must include {needed!r} for config.data.modality='
+         f'{data.modality!r}')
   _check(config.field.overlap < data.image_size, 'field.overlap',
          f'({config.field.overlap}) must be smaller than config.data.image_size '
          f'({data.image_size}), the window size')

@@ -39,9 +39,6 @@ from agrivision_jax.data import BadFileError
 from agrivision_jax.progress import Progress
 
 NODATA_CLASS = 255
-# band_order letters: R, G, B, N (near-infrared), A (alpha: 0 = nodata), X (a band to ignore).
-BAND_LETTERS = 'RGBNAX'
-REQUIRED_BANDS = {'nrgb': 'RGBN', 'rgb': 'RGB', 'nir': 'N'}
 # The overlay figure's panels are ~300 px wide: its pictures are subsampled to this side at most.
 FIGURE_PIXELS = 600
 
@@ -78,7 +75,7 @@ class FieldSource:
 
   Args:
     paths: the field's files; their bands, concatenated in order, are named by ``band_order``.
-    band_order: one letter per band (``BAND_LETTERS``), e.g. 'RGBN', 'BGRNA', 'RGB' + 'N'.
+    band_order: one letter per band (``configuration.BAND_LETTERS``), e.g. 'RGBN', 'BGRNA', 'RGB' + 'N'.
     nodata: >= 0: a pixel whose R, G, B, N bands all equal it is nodata; -1: each band's file
       nodata tag, 0 where untagged. A pixel with alpha 0 is nodata too.
     backend: 'rasterio' or 'tifffile' (``field_io.open_raster``).
@@ -219,42 +216,6 @@ def infer_field(source: FieldSource, forward: Callable[[np.ndarray], jax.Array],
     yield classes, image[:finished, :width]
 
 
-def check_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Returns config.field after checking its fields against the model and data config.
-
-  Raises:
-    ValueError: naming the first bad field and what it must be.
-  """
-  if 'field' not in config:
-    raise ValueError('config.field is missing')
-  settings, tile = config.field, config.data.image_size
-  is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
-  checks = {
-      'inputs': (lambda v: isinstance(v, str) and v.strip() != '',
-                 "comma-separated field images ('field.tif,rgb.tif+nir.tif')"),
-      'output_dir': (lambda v: isinstance(v, str), "a folder ('' = <workdir>/field)"),
-      'band_order': (lambda v: isinstance(v, str) and v and set(v) <= set(BAND_LETTERS) and
-                     all(v.count(c) == 1 for c in v if c != 'X') and
-                     set(REQUIRED_BANDS[config.data.modality]) <= set(v),
-                     f'one letter per file band from {BAND_LETTERS!r} (R, G, B, NIR, alpha, '
-                     f'ignored), each once, with {REQUIRED_BANDS[config.data.modality]!r} for '
-                     f'data.modality={config.data.modality!r}'),
-      'overlap': (lambda v: is_int(v) and 0 <= v < tile,
-                  f'an int in [0, data.image_size={tile})'),
-      'tta': (lambda v: v in tta_lib.TTA_MODES, f'one of {tta_lib.TTA_MODES}'),
-      'batch_size': (lambda v: is_int(v) and v > 0, 'a positive int'),
-      'nodata': (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and
-                 (v == -1 or v >= 0), "-1 (the files' nodata tags) or a value >= 0"),
-      'preview_size': (lambda v: is_int(v) and v > 0, 'a positive int'),
-  }
-  for field, (check, what) in checks.items():
-    if field not in settings:
-      raise ValueError(f'config.field.{field} is missing')
-    if not check(settings[field]):
-      raise ValueError(f'config.field.{field} must be {what}, got {settings[field]!r}')
-  return settings
-
-
 class _Summary:
   """Collects class counts and a nearest-neighbour preview (every ``step``-th row and column) of
   the row blocks streaming through it."""
@@ -362,7 +323,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     ValueError: a bad config field, named; more than one process.
     FileNotFoundError / BadFileError: a missing or bad field image, named (before any compute).
   """
-  settings = check_settings(config)
+  settings = config.field
+  if not settings.inputs.strip():
+    raise ValueError("config.field.inputs is empty: name the field images, e.g. "
+                     "--config.field.inputs=field.tif,rgb.tif+nir.tif")
   fields = parse_inputs(settings.inputs)
   stems = [_stem(paths) for paths in fields]
   if len(set(stems)) != len(stems):

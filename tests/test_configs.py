@@ -308,15 +308,16 @@ def test_bad_variants_name_themselves(arg, message):
     ('predict.tta', 'd8', "config.predict.tta must be one of ['none', 'flips', 'd4']"),
     ('predict.num_overlays', -2, "config.predict.num_overlays must be an int >= 0"),
     ('predict.batch_size', 0, "config.predict.batch_size must be a positive int"),
-    ('field.band_order', 'RGBX', "config.field.band_order must be the 4 letters RGBN"),
-    ('field.band_order', 'RGB', "config.field.band_order must be the 4 letters RGBN"),
-    ('field.band_order', 'RRGB', "config.field.band_order must be the 4 letters RGBN"),
+    ('field.band_order', 'RGBZ', "config.field.band_order must be one letter per file band"),
+    ('field.band_order', 'RGB', "config.field.band_order ('RGB') must include 'RGBN'"),
+    ('field.band_order', 'RRGB', "config.field.band_order must be one letter per file band"),
     ('field.overlap', 512, "config.field.overlap (512) must be smaller than "
                            "config.data.image_size (512)"),
     ('field.overlap', -1, "config.field.overlap must be an int >= 0"),
     ('field.tta', 'flip', "config.field.tta must be one of ['none', 'flips', 'd4']"),
     ('field.batch_size', 0, "config.field.batch_size must be a positive int"),
-    ('field.nodata', 'nan', "config.field.nodata must be a number, got 'nan'"),
+    ('field.nodata', 'nan', "config.field.nodata must be -1 (the files' nodata tags) or a value"),
+    ('field.nodata', -2, "config.field.nodata must be -1 (the files' nodata tags) or a value"),
     ('field.preview_size', 0, "config.field.preview_size must be a positive int"),
     ('field.inputs', None, "config.field.inputs must be a string, got None"),
     ('init_from', 0, "config.init_from must be a converted weights directory, 'scratch' or empty"),
@@ -337,6 +338,7 @@ def test_validate_names_the_bad_field(field, value, message):
 
 @pytest.mark.parametrize('field, value', [
     ('restore', 'best'), ('restore', 0), ('restore', 12000), ('field.band_order', 'NRGB'),
+    ('field.band_order', 'BGRXNA'),
     ('field.nodata', 0), ('model.multi_grid', ()), ('model.sn_group_size', 8),
     ('loss.group_size', 32), ('model.conv_impl', 'xla'), ('data.source', 'tfds')])
 def test_validate_accepts_the_allowed_values(field, value):
