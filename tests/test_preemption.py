@@ -1,0 +1,114 @@
+"""StopSignals: a first SIGTERM / SIGINT is a request, a second ends the process at once."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+# Counts loop iterations; reports when the request is seen and that it keeps running after it.
+_LOOP = textwrap.dedent('''
+    import sys, time
+    from agrivision_jax import preemption
+    with preemption.StopSignals() as stop:
+      print('READY', flush=True)
+      seen = None
+      for i in range(100000):
+        time.sleep(0.01)
+        if stop.requested() and seen is None:
+          seen = i
+          print('REQUESTED', preemption.signal.Signals(stop.signum).name, flush=True)
+        if seen is not None and i == seen + 20:
+          print('CONTINUED', flush=True)
+        if seen is not None and i == seen + 1000:
+          break
+    print('DONE', flush=True)
+''')
+
+
+def _start():
+  process = subprocess.Popen([sys.executable, '-c', _LOOP], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, 'PYTHONPATH': os.getcwd()})
+  assert process.stdout.readline() == 'READY\n'
+  return process
+
+
+@pytest.mark.parametrize('first,second', [(signal.SIGTERM, signal.SIGTERM),
+                                          (signal.SIGINT, signal.SIGINT),
+                                          (signal.SIGINT, signal.SIGTERM)])
+def test_first_signal_requests_second_exits(first, second):
+  process = _start()
+  try:
+    process.send_signal(first)
+    assert process.stdout.readline() == f'REQUESTED {first.name}\n'
+    assert process.stdout.readline() == 'CONTINUED\n'
+    assert process.poll() is None
+    process.send_signal(second)
+    stdout, stderr = process.communicate(timeout=60)
+  finally:
+    process.kill()
+  assert process.returncode == -second   # killed by the signal: the shell shows 128 + signum
+  assert 'DONE' not in stdout
+  assert 'KeyboardInterrupt' not in stderr and 'Traceback' not in stderr
+  assert f'received {first.name}: stopping after the current step' in stderr
+
+
+def test_handlers_restored_on_exit():
+  previous = signal.getsignal(signal.SIGINT)
+  from agrivision_jax import preemption
+  with preemption.StopSignals() as stop:
+    assert signal.getsignal(signal.SIGINT) == stop._handle  # pylint: disable=protected-access
+    assert not stop.requested()
+  assert signal.getsignal(signal.SIGINT) is previous
+  with pytest.raises(ValueError, match='sync_every_steps'):
+    preemption.StopSignals(sync_every_steps=0)
+
+
+def test_grain_worker_init_ignores_sigint():
+  code = ('import os, signal\nfrom agrivision_jax import preemption\n'
+          'preemption.worker_init(0, 1)\nos.kill(os.getpid(), signal.SIGINT)\nprint("ALIVE")')
+  result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                          env={**os.environ, 'PYTHONPATH': os.getcwd()}, timeout=60)
+  assert result.returncode == 0 and result.stdout == 'ALIVE\n', result.stderr
+
+
+# Two processes; only process 1 is signalled; both must see the request at the same call.
+_AGREE = textwrap.dedent('''
+    import os, signal, sys
+    import jax
+    jax.config.update('jax_num_cpu_devices', 1)
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+    from agrivision_jax import preemption
+    with preemption.StopSignals(sync_every_steps=3) as stop:
+      for call in range(1, 40):
+        if call == 5 and jax.process_index() == 1:
+          os.kill(os.getpid(), signal.SIGTERM)
+        if stop.requested():
+          print('STOP AT', call, flush=True)
+          break
+    jax.distributed.shutdown()
+''')
+
+
+def test_request_agreed_across_processes():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    address = f'127.0.0.1:{s.getsockname()[1]}'
+  workers = [subprocess.Popen([sys.executable, '-c', _AGREE, address, str(i)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, 'PYTHONPATH': os.getcwd()}) for i in range(2)]
+  outputs = []
+  for worker in workers:
+    try:
+      outputs.append(worker.communicate(timeout=300)[0])
+    finally:
+      worker.kill()
+  for worker, output in zip(workers, outputs):
+    assert worker.returncode == 0, output[-3000:]
+    # Signalled at call 5, agreed at the next multiple of 3.
+    assert [l for l in output.splitlines() if l.startswith('STOP')] == ['STOP AT 6'], output
