@@ -31,6 +31,8 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from agrivision_jax import workdir as workdir_lib
+
 STATE = 'state'
 DATA_ITERATOR = 'data_iterator'
 CORRUPT_SUFFIX = '.corrupt'
@@ -47,20 +49,14 @@ class CheckpointRestoreError(RuntimeError):
   """No checkpoint of a directory restores (e.g. a config that does not match them)."""
 
 
-def workdir_path(workdir: str | epath.PathLike) -> epath.Path:
-  """``workdir`` as an ``epath.Path``: URLs (gs://) kept as they are, local paths made absolute."""
-  path = epath.Path(workdir)
-  return path if '://' in str(workdir) else path.absolute()
-
-
 def checkpoint_dir(workdir: str | epath.PathLike) -> epath.Path:
   """Returns ``workdir/checkpoints`` (``str()`` of it is 'gs://bucket/run/checkpoints' for a URL)."""
-  return workdir_path(workdir) / 'checkpoints'
+  return workdir_lib.path(workdir) / 'checkpoints'
 
 
 def best_dir(workdir: str | epath.PathLike) -> epath.Path:
   """Returns ``workdir/best``, where ``BestCheckpoint`` keeps the best-mIoU checkpoint."""
-  return workdir_path(workdir) / 'best'
+  return workdir_lib.path(workdir) / 'best'
 
 
 def _open_manager(directory: epath.Path, item_names: tuple[str, ...],

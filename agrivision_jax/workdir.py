@@ -1,4 +1,4 @@
-"""One writer per workdir: an exclusive lock held for the whole run.
+"""Workdir paths (local or gs:// URLs) and one writer per workdir (an exclusive lock).
 
 Local workdirs: ``fcntl.flock`` on ``<workdir>/.lock``, which holds "pid host" of the holder.
 The kernel releases the lock when the holder exits, however it exits (SIGKILL included), so a
@@ -23,6 +23,12 @@ LOCK_FILE = '.lock'
 
 class WorkdirBusyError(RuntimeError):
   """Another live process holds the workdir's lock."""
+
+
+def path(workdir: str | os.PathLike) -> epath.Path:
+  """``workdir`` as an ``epath.Path``: URLs (gs://...) kept as they are, local paths absolute."""
+  result = epath.Path(workdir)
+  return result if '://' in str(workdir) else result.absolute()
 
 
 def _holder_line() -> str:
@@ -67,7 +73,7 @@ def _lock_url(workdir: str) -> Iterator[None]:
     path.unlink(missing_ok=True)
 
 
-def lock(workdir: str) -> contextlib.AbstractContextManager:
+def lock(workdir: str | os.PathLike) -> contextlib.AbstractContextManager:
   """Holds ``workdir`` exclusively for the ``with`` block (creating the directory).
 
   Args:
