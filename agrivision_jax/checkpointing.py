@@ -275,7 +275,8 @@ def restore_newest(manager: ocp.CheckpointManager, abstract_state: Any,
           f'checkpoint step {step} in {manager.directory} did not restore on another process')
   if first_error is not None:
     raise CheckpointRestoreError(
-        f'no checkpoint in {manager.directory} restores (steps {failed}); newest: {first_error}'
+        f'no checkpoint in {manager.directory} restores (steps {failed}; a config that does not '
+        f'match them, or move them away to start over); newest: {first_error}'
     ) from first_error
   return None
 
@@ -315,6 +316,8 @@ class BestCheckpoint:
     current = self.best()
     if not np.isfinite(miou) or (current is not None and miou <= current[1]):
       return False
+    if step in self.manager.all_steps():   # the same step again, after resuming from before it
+      self.manager.delete(step)
     _save(self.manager, step, {STATE: ocp.args.StandardSave(jax.device_get(state))},
           metrics={'miou': miou}, force=True)
     return True

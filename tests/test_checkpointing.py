@@ -162,10 +162,12 @@ def test_best_checkpoint_kept_apart_and_resolve_restore(tmp_path):
   assert not best.update(4, 0.40, _state(4))
   assert not best.update(5, 0.45, _state(5))
   assert best.best() == (3, 0.45)
+  assert best.update(3, 0.46, _state(3))   # step 3 again, after a resume from an older step
+  assert best.best() == (3, 0.46)
   best.close()
   assert os.listdir(os.path.join(workdir, 'best')) == ['3']
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['1', '2', '3']
-  assert checkpointing.BestCheckpoint(workdir).best() == (3, 0.45)   # survives a restart
+  assert checkpointing.BestCheckpoint(workdir).best() == (3, 0.46)   # survives a restart
 
   for restore, step, seed in [('best', 3, 3), ('latest', 3, 3), (2, 2, 2), ('1', 1, 1)]:
     manager, got = checkpointing.resolve_restore(workdir, restore)
