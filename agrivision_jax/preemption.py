@@ -18,8 +18,10 @@ grain worker processes are in the terminal's process group and receive its Ctrl-
 the main process until it has saved (they end when the main process stops them).
 """
 
+import ctypes
 import os
 import signal
+import sys
 import threading
 from types import FrameType
 
@@ -28,6 +30,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_PR_SET_PDEATHSIG = 1   # linux/prctl.h
 
 
 class Preempted(Exception):
@@ -37,12 +40,17 @@ class Preempted(Exception):
 def worker_init(worker_index: int, worker_count: int) -> None:
   """grain ``worker_init_fn``: the worker ignores SIGINT (the main process decides when to stop).
 
+  On Linux the worker also gets SIGTERM when the main process dies (a second Ctrl-C, SIGKILL),
+  so no worker outlives it.
+
   Args:
     worker_index: index of this worker (unused).
     worker_count: number of workers (unused).
   """
   del worker_index, worker_count
   signal.signal(signal.SIGINT, signal.SIG_IGN)
+  if sys.platform.startswith('linux'):
+    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
 
 
 class StopSignals:
