@@ -59,11 +59,6 @@ def best_dir(workdir: str | epath.PathLike) -> epath.Path:
   return workdir_lib.path(workdir) / 'best'
 
 
-def _open_manager(directory: epath.Path, item_names: tuple[str, ...],
-                  options: ocp.CheckpointManagerOptions) -> ocp.CheckpointManager:
-  return ocp.CheckpointManager(directory, options=options, item_names=item_names)
-
-
 def create_manager(workdir: str, max_to_keep: int | None = None,
                    read_only: bool = False) -> ocp.CheckpointManager:
   """Opens the CheckpointManager of ``workdir/checkpoints`` (created unless ``read_only``).
@@ -80,7 +75,8 @@ def create_manager(workdir: str, max_to_keep: int | None = None,
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
       cleanup_tmp_directories=not read_only)
-  return _open_manager(checkpoint_dir(workdir), (STATE, DATA_ITERATOR), options)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+                               item_names=(STATE, DATA_ITERATOR))
 
 
 def _errno_of(error: BaseException) -> int | None:
@@ -294,7 +290,7 @@ class BestCheckpoint:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=1, best_fn=lambda m: m['miou'], best_mode='max',
         keep_checkpoints_without_metrics=False, cleanup_tmp_directories=True)
-    self.manager = _open_manager(best_dir(workdir), (STATE,), options)
+    self.manager = ocp.CheckpointManager(best_dir(workdir), options=options, item_names=(STATE,))
 
   def best(self) -> tuple[int, float] | None:
     """(best_step, best_miou), or None before the first ``update`` that saved."""
@@ -352,8 +348,9 @@ def resolve_restore(workdir: str, restore: str | int) -> tuple[ocp.CheckpointMan
     raise ValueError(f"config.restore: {restore!r} is neither 'latest', 'best' nor a step")
   if not directory.exists():
     raise FileNotFoundError(f'no checkpoint directory {directory}')
-  manager = _open_manager(directory, items, ocp.CheckpointManagerOptions(read_only=True,
-                                                                         create=False))
+  manager = ocp.CheckpointManager(
+      directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+      item_names=items)
   steps = manager.all_steps()
   step = manager.latest_step() if restore in ('latest', 'best') else restore
   if step is None or step not in steps:

@@ -15,6 +15,9 @@ from etils import epath
 
 from agrivision_jax import checkpointing
 
+# orbax leaves the read coroutines of a failed restore unawaited; they warn when collected.
+pytestmark = pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+
 
 def _state(seed: int) -> dict:
   rng = np.random.default_rng(seed)
