@@ -34,7 +34,18 @@ _PR_SET_PDEATHSIG = 1   # linux/prctl.h
 
 
 class Preempted(Exception):
-  """Training stopped on a signal after saving a checkpoint; rerunning the command resumes."""
+  """Training stopped on a signal after saving a checkpoint; rerunning the command resumes.
+
+  ``exit_status`` (128 + signum, e.g. 143 for SIGTERM) is what main should exit with, the status
+  a shell reports for a process ended by that signal.
+  """
+
+  def __init__(self, message: str, signum: int | None = None):
+    """Args: message: one line (the step saved, the workdir); signum: the signal received
+    (None on a process that was not signalled itself: SIGTERM is assumed)."""
+    super().__init__(message)
+    self.signum = signal.SIGTERM if signum is None else signum
+    self.exit_status = 128 + int(self.signum)
 
 
 def worker_init(worker_index: int, worker_count: int) -> None:

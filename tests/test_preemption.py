@@ -9,6 +9,10 @@ import textwrap
 
 import pytest
 
+from agrivision_jax import checkpointing
+from agrivision_jax import preemption
+from agrivision_jax import writers
+
 # Counts loop iterations; reports when the request is seen and that it keeps running after it.
 _LOOP = textwrap.dedent('''
     import sys, time
@@ -59,7 +63,6 @@ def test_first_signal_requests_second_exits(first, second):
 
 def test_handlers_restored_on_exit():
   previous = signal.getsignal(signal.SIGINT)
-  from agrivision_jax import preemption
   with preemption.StopSignals() as stop:
     assert signal.getsignal(signal.SIGINT) == stop._handle  # pylint: disable=protected-access
     assert not stop.requested()
@@ -137,3 +140,72 @@ def test_request_agreed_across_processes():
     assert worker.returncode == 0, output[-3000:]
     # Signalled at call 5, agreed at the next multiple of 3.
     assert [l for l in output.splitlines() if l.startswith('STOP')] == ['STOP AT 6'], output
+
+
+# A training loop as train.py runs it: lock, restore the newest checkpoint, truncate metrics,
+# stop on a signal after saving. Each step records the element the data iterator gave it.
+_TRAIN = textwrap.dedent('''
+    import os, signal, sys, time
+    import grain, jax, numpy as np
+    from agrivision_jax import checkpointing, preemption, workdir, writers
+    def main(path, die_at):
+      with workdir.lock(path), preemption.StopSignals() as stop:
+        manager = checkpointing.create_manager(path)
+        data = iter(grain.MapDataset.range(10**6).to_iter_dataset())
+        abstract = {'x': jax.ShapeDtypeStruct((), np.int64,
+                                              sharding=jax.sharding.SingleDeviceSharding(
+                                                  jax.devices()[0]))}
+        restored = checkpointing.restore_newest(manager, abstract, data)
+        start = restored[0] if restored else 0
+        writer = writers.MetricWriter(path, resume_step=start)
+        print('RESUMED', start, flush=True)
+        for step in range(start + 1, 10**6):
+          x = next(data)
+          time.sleep(0.02)
+          writer.write(step, 'train', {'x': x})
+          if step == die_at:   # killed after writing rows past the last checkpoint
+            os.kill(os.getpid(), signal.SIGKILL)
+          if step == start + 5:
+            print('RUNNING', flush=True)
+          if step % 3 == 0:
+            checkpointing.save(manager, step, {'x': np.int64(x)}, data)
+          if stop.requested():
+            checkpointing.save(manager, step, {'x': np.int64(x)}, data)
+            raise preemption.Preempted(f'stopped at step {step}', stop.signum)
+    try:
+      main(sys.argv[1], int(sys.argv[2]))
+    except preemption.Preempted as stopped:
+      print('PREEMPTED', stopped, flush=True)
+      sys.exit(stopped.exit_status)
+''')
+
+
+def test_preempted_training_resumes_without_lost_or_repeated_steps(tmp_path):
+  workdir = str(tmp_path / 'run')
+
+  def start(die_at=0):
+    process = subprocess.Popen([sys.executable, '-c', _TRAIN, workdir, str(die_at)],
+                               stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, 'PYTHONPATH': os.getcwd()})
+    resumed = process.stdout.readline()
+    assert resumed.startswith('RESUMED '), process.communicate()[1][-3000:]
+    return process, int(resumed.split()[1])
+
+  killed, first_start = start(die_at=4)
+  killed.communicate(timeout=120)
+  assert killed.returncode == -signal.SIGKILL and first_start == 0
+  assert [r['step'] for r in writers.read_metrics(workdir)] == [1, 2, 3, 4]
+  preempted, resumed_at = start()
+  assert resumed_at == 3
+  assert preempted.stdout.readline() == 'RUNNING\n'
+  preempted.send_signal(signal.SIGTERM)
+  stdout, stderr = preempted.communicate(timeout=120)
+  assert preempted.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+  stopped_at = int(stdout.split('PREEMPTED stopped at step ')[1])
+  records = writers.read_metrics(workdir)
+  assert [r['step'] for r in records] == list(range(1, stopped_at + 1))
+  assert [r['x'] for r in records] == [float(step - 1) for step in range(1, stopped_at + 1)]
+  manager = checkpointing.create_manager(workdir, read_only=True)
+  assert manager.latest_step() == stopped_at
+  manager.close()
