@@ -151,11 +151,15 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: A
 
   Every process calls it (process 0 writes the replicated state, each process its iterator
   file). It returns once the files are written (the cost is the write time of one checkpoint).
+  A step that is already saved (e.g. the last step, saved again on a stop request) is kept as it
+  is.
 
   Raises:
     CheckpointSaveError: one line naming the file (or step directory), the errno and reason;
       the training loop must stop (it is an ``OSError``).
   """
+  if step in manager.all_steps():
+    return
   _save(manager, step, {STATE: ocp.args.StandardSave(jax.device_get(state)),
                         DATA_ITERATOR: grain.checkpoint.CheckpointSave(data_iterator)})
 

@@ -85,9 +85,12 @@ def test_restore_newest_falls_back_past_a_corrupt_step(tmp_path, corrupt, caplog
   logged = [r.getMessage() for r in caplog.records if 'step 2 does not restore' in r.getMessage()]
   assert len(logged) == 1 and '\n' not in logged[0]
   assert any(f'restore: {path}: ' in logged[0] for path in damaged), (damaged, logged[0])
-  # The next save of step 2 does not collide with the renamed one.
+  # The next save of step 2 does not collide with the renamed one; saving it again keeps it.
   checkpointing.save(manager, 2, _state(2), it)
+  checkpointing.save(manager, 2, _state(5), it)
   assert manager.all_steps() == [1, 2]
+  state = checkpointing.restore_step(manager, 2, _abstract(_state(0)))
+  np.testing.assert_array_equal(state['params']['w'], _state(2)['params']['w'])
   manager.close()
 
 
