@@ -19,7 +19,7 @@ fresh ones.
 import errno as errno_lib
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax
@@ -164,16 +164,80 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iterator: A
                         DATA_ITERATOR: grain.checkpoint.CheckpointSave(data_iterator)})
 
 
-def _check_complete(step_dir: epath.Path, data_iterator: Any | None) -> None:
-  """Raises FileNotFoundError for a file orbax / grain always write but ``step_dir`` lacks."""
+def _iterator_file(step_dir: epath.Path) -> epath.Path:
+  """This process's iterator file (grain's checkpoint handler names it so)."""
+  return step_dir / DATA_ITERATOR / f'process_{jax.process_index()}-of-{jax.process_count()}.json'
+
+
+def _restore_error(step: int, step_dir: epath.Path, error: BaseException) -> CheckpointRestoreError:
+  where = _file_in(error, step_dir)
+  if where is None and isinstance(error, json.JSONDecodeError):
+    where = str(_iterator_file(step_dir))
+  return CheckpointRestoreError(
+      f'checkpoint step {step} does not restore: {where or step_dir}: {_reason(error, where)}')
+
+
+def _read_local(step_dir: epath.Path, data_iterator: Any | None) -> Any:
+  """Checks the files orbax and grain always write; returns the parsed iterator state (or None).
+
+  Reads only this process's files and runs no collective, so the processes can agree on the
+  result before the collective restore of the arrays.
+  """
   required = [step_dir / STATE / '_METADATA']
   if data_iterator is not None:
-    required.append(step_dir / DATA_ITERATOR /
-                    f'process_{jax.process_index()}-of-{jax.process_count()}.json')
+    required.append(_iterator_file(step_dir))
   for path in required:
     if not path.exists():
       raise FileNotFoundError(errno_lib.ENOENT, 'missing (orbax and grain always write it)',
                               str(path))
+  if data_iterator is None:
+    return None
+  text = _iterator_file(step_dir).read_text()
+  return json.loads(text) if isinstance(data_iterator, grain.DatasetIterator) else text.encode()
+
+
+def _set_iterator(data_iterator: Any, iterator_state: Any) -> None:
+  """What grain's checkpoint handler does after reading the file."""
+  data_iterator.set_state(iterator_state)
+  data_iterator.start_prefetch()
+
+
+def _restore_arrays(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> Any:
+  return manager.restore(step, args=ocp.args.Composite(
+      **{STATE: ocp.args.StandardRestore(abstract_state)}))[STATE]
+
+
+def _restore_phases(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
+                    data_iterator: Any | None, agree: Callable[[bool], bool] | None) -> Any:
+  """Restores ``step`` in phases, calling ``agree(ok)`` after each when it is given.
+
+  1. this process's files (no collective); 2. the arrays (orbax; collective on several
+  processes, so it only starts once every process passed 1); 3. the iterator position (local).
+
+  Raises:
+    CheckpointRestoreError: a phase failed here (or, through ``agree``, on another process).
+  """
+  step_dir = epath.Path(manager.directory) / str(step)
+
+  def run(phase, *args):
+    result, error = None, None
+    try:
+      result = phase(*args)
+    except Exception as e:  # pylint: disable=broad-except  (tensorstore, json, orbax, OS)
+      error = _restore_error(step, step_dir, e)
+      error.__cause__ = e
+    if agree is not None and not agree(error is None) and error is None:
+      error = CheckpointRestoreError(
+          f'checkpoint step {step} does not restore: {step_dir}: failed on another process')
+    if error is not None:
+      raise error
+    return result
+
+  iterator_state = run(_read_local, step_dir, data_iterator)
+  state = run(_restore_arrays, manager, step, abstract_state)
+  if data_iterator is not None:
+    run(_set_iterator, data_iterator, iterator_state)
+  return state
 
 
 def restore_step(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
@@ -192,21 +256,7 @@ def restore_step(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
   Raises:
     CheckpointRestoreError: one line naming the step directory, the file where known, and why.
   """
-  step_dir = epath.Path(manager.directory) / str(step)
-  try:
-    _check_complete(step_dir, data_iterator)
-    items = {STATE: ocp.args.StandardRestore(abstract_state)}
-    if data_iterator is not None:
-      items[DATA_ITERATOR] = grain.checkpoint.CheckpointRestore(data_iterator)
-    return manager.restore(step, args=ocp.args.Composite(**items))[STATE]
-  except Exception as error:  # pylint: disable=broad-except  (tensorstore, json, orbax, OS)
-    where = _file_in(error, step_dir)
-    if where is None and isinstance(error, json.JSONDecodeError):
-      where = str(step_dir / DATA_ITERATOR /
-                  f'process_{jax.process_index()}-of-{jax.process_count()}.json')
-    raise CheckpointRestoreError(
-        f'checkpoint step {step} does not restore: {where or step_dir}: {_reason(error, where)}'
-    ) from error
+  return _restore_phases(manager, step, abstract_state, data_iterator, agree=None)
 
 
 restore = restore_step   # the name train.py used before restore_newest / resolve_restore
@@ -241,8 +291,10 @@ def restore_newest(manager: ocp.CheckpointManager, abstract_state: Any,
 
   A step that fails is logged (one line naming the file) and the next older one is tried. Once an
   older step restores, the newer failed ones are renamed ``<step>.corrupt`` (process 0), so a
-  later save does not collide with them. On several processes every process takes part; a step
-  counts as restored only when it restored on every process (one all-gather per step tried).
+  later save does not collide with them. On several processes every process takes part, and
+  they agree after each phase (one all-gather each): each process first checks and parses its
+  own files, the collective restore of the arrays starts only when all of them passed, so a
+  damaged file of one process (its iterator JSON) sends every process to the older step.
 
   Args:
     manager: from ``create_manager`` (not read-only when a step may have to be renamed).
@@ -259,20 +311,16 @@ def restore_newest(manager: ocp.CheckpointManager, abstract_state: Any,
   failed: list[int] = []
   first_error: CheckpointRestoreError | None = None
   for step in sorted(manager.all_steps(), reverse=True):
-    state, error = None, None
     try:
-      state = restore_step(manager, step, abstract_state, data_iterator)
-    except CheckpointRestoreError as e:
-      error = e
-      logging.error('%s; trying the previous checkpoint', e)
-    if _agree(error is None):
-      if failed:
-        _mark_corrupt(manager, failed)
-      return step, state
-    failed.append(step)
-    if first_error is None:
-      first_error = error or CheckpointRestoreError(
-          f'checkpoint step {step} in {manager.directory} did not restore on another process')
+      state = _restore_phases(manager, step, abstract_state, data_iterator, agree=_agree)
+    except CheckpointRestoreError as error:
+      logging.error('%s; trying the previous checkpoint', error)
+      failed.append(step)
+      first_error = first_error or error
+      continue
+    if failed:
+      _mark_corrupt(manager, failed)
+    return step, state
   if first_error is not None:
     raise CheckpointRestoreError(
         f'no checkpoint in {manager.directory} restores (steps {failed}; a config that does not '

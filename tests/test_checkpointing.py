@@ -3,6 +3,7 @@
 import errno
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -195,3 +196,65 @@ def test_paths_are_epath_and_keep_urls():
   assert str(checkpointing.best_dir('gs://bucket/run/')) == 'gs://bucket/run/best'
   assert isinstance(checkpointing.checkpoint_dir('gs://bucket/run'), epath.Path)
   assert str(checkpointing.checkpoint_dir('rel')) == os.path.join(os.getcwd(), 'rel', 'checkpoints')
+
+
+# Saves steps 1 and 2, or restores the newest, in one of two processes (1 CPU device each).
+_TWO_PROCESSES = textwrap.dedent('''
+    import os, sys
+    import jax
+    jax.config.update('jax_num_cpu_devices', 1)
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+    import grain, numpy as np
+    from agrivision_jax import checkpointing
+    workdir, mode = sys.argv[3], sys.argv[4]
+    mesh = jax.make_mesh((2,), ('data',))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    it = iter(grain.MapDataset.range(100).to_iter_dataset())
+    manager = checkpointing.create_manager(workdir)
+    if mode == 'save':
+      for step in (1, 2):
+        next(it)
+        w = checkpointing.place_replicated({'w': np.full((3, 2), step, np.float32)}, mesh)
+        checkpointing.save(manager, step, w, it)
+    else:
+      abstract = {'w': jax.ShapeDtypeStruct((3, 2), np.float32, sharding=replicated)}
+      step, restored = checkpointing.restore_newest(manager, abstract, it)
+      print('RESTORED', step, float(np.asarray(restored['w'].addressable_data(0)).mean()),
+            it.get_state()['next_index'], manager.all_steps(), flush=True)
+    manager.close()
+    jax.distributed.shutdown()
+''')
+
+
+def _run_two_processes(*args) -> list[str]:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    address = f'127.0.0.1:{s.getsockname()[1]}'
+  workers = [subprocess.Popen([sys.executable, '-c', _TWO_PROCESSES, address, str(i), *args],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, 'PYTHONPATH': os.getcwd()}) for i in range(2)]
+  outputs = []
+  for worker in workers:
+    try:
+      outputs.append(worker.communicate(timeout=300)[0])
+    finally:
+      worker.kill()
+  for worker, output in zip(workers, outputs):
+    assert worker.returncode == 0, output[-3000:]
+  return outputs
+
+
+def test_two_processes_agree_to_skip_a_step_damaged_for_one_of_them(tmp_path):
+  workdir = str(tmp_path)
+  _run_two_processes(workdir, 'save')
+  damaged = os.path.join(workdir, 'checkpoints', '2', 'data_iterator',
+                                                'process_1-of-2.json')
+  with open(damaged, 'w') as f:
+    f.write('garbage')
+  outputs = _run_two_processes(workdir, 'restore')
+  for output in outputs:
+    assert [l for l in output.splitlines() if l.startswith('RESTORED')] == [
+        'RESTORED 1 1.0 1 [1]'], output[-3000:]
+  assert f'{damaged}: JSONDecodeError' in outputs[1]
+  assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == ['1', '2.corrupt']
