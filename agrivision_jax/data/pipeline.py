@@ -24,6 +24,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from agrivision_jax import preemption
 from agrivision_jax.data import augment
 from agrivision_jax.data import layout
 from agrivision_jax.data import sources
@@ -112,7 +113,8 @@ def _prefetch(batches: grain.MapDataset, num_workers: int) -> grain.IterDataset:
   iter_dataset = batches.to_iter_dataset(
       grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=READ_THREADS))
   if num_workers:
-    iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
+                                            worker_init_fn=preemption.worker_init)
   return iter_dataset
 
 

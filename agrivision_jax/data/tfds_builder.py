@@ -16,36 +16,16 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-import sys
-import time
 from typing import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
+from agrivision_jax import progress as progress_lib
 from agrivision_jax.data import layout
 
 _BYTES = tfds.features.Tensor(shape=(), dtype=np.object_)
-
-
-class _Progress:
-  """Prints 'label: done/total tiles, tiles/s, ETA' to stderr every `every_s` s and at the end."""
-
-  def __init__(self, label: str, total: int, every_s: float = 5.0):
-    self._label, self._total, self._every_s = label, total, every_s
-    self._start = self._last = time.monotonic()
-
-  def update(self, done: int) -> None:
-    now = time.monotonic()
-    if now - self._last < self._every_s and done < self._total:
-      return
-    self._last = now
-    rate = done / max(now - self._start, 1e-9)
-    eta = (self._total - done) / rate if rate > 0 else float('inf')
-    eta_text = time.strftime('%H:%M:%S', time.gmtime(eta)) if np.isfinite(eta) else '?'
-    print(f'{self._label}: {done}/{self._total} tiles, {rate:.1f} tiles/s, ETA {eta_text}',
-          file=sys.stderr, flush=True)
 
 
 class AgricultureVision(tfds.core.GeneratorBasedBuilder):
@@ -116,7 +96,8 @@ class AgricultureVision(tfds.core.GeneratorBasedBuilder):
         return files, None, layout.BadExample(files.id, err.path, str(err))
       return files, blobs, None
 
-    progress = _Progress(f'agriculture_vision/{version} {split}', len(tiles))
+    progress = progress_lib.Progress(f'agriculture_vision/{version} {split}', len(tiles),
+                                    interval_s=5.0)
     written = 0
     chunk = 8 * self._num_threads  # bounds the tile bytes held in memory
     with concurrent.futures.ThreadPoolExecutor(self._num_threads) as pool:
@@ -127,7 +108,8 @@ class AgricultureVision(tfds.core.GeneratorBasedBuilder):
           else:
             written += 1
             yield files.id, {'id': files.id, **blobs}
-        progress.update(min(start + chunk, len(tiles)))
+        progress.update(min(start + chunk, len(tiles)) - start)
+    progress.finish()
     layout.report_skipped(bad, f'agriculture_vision/{version} {split}')
     if not written:
       raise ValueError(f'split {split!r} of {root}: every tile is bad, nothing to build')
