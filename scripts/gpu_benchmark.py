@@ -1,6 +1,6 @@
 """The paper's model's train step on one GPU, JAX beside the PyTorch peer: one prepared command.
 
-  PYTHONPATH=. python scripts/gpu_benchmark.py            # one GPU, within --budget_s (420 s)
+  PYTHONPATH=. python scripts/gpu_benchmark.py            # one GPU: rows start within 360 s
   PYTHONPATH=. python scripts/gpu_benchmark.py --smoke    # CPU, tiny, well under a minute
 
 Rows: IBN-s DeepLabV3+ (configs/ibn_s.py: ResNet-101, hybrid loss BCE + Dice + Lovasz), 512 x 512
@@ -21,8 +21,9 @@ imports nothing of grain, tensorflow_datasets or tensorboardX.
 Per row: compile s (the JAX train step's ``lower().compile()``; for PyTorch the first step,
 cudnn autotuning included), median and p90 step ms over ``--steps`` timed steps after
 ``--warmup``, images/s, peak GB (JAX: ``device.memory_stats()['peak_bytes_in_use']``, the
-process's peak so far, so rows run from the smallest batch up; where the backend has no memory
-statistics, the compiled step's arguments + outputs + temporaries; PyTorch:
+process's peak so far: the rows run per conv_impl ('xla' first) from the smallest batch up, and
+``compiled_gb`` gives each row's compiled step's arguments + outputs + temporaries, which is also
+the peak where the backend has no memory statistics; PyTorch:
 ``torch.cuda.max_memory_allocated`` reset per row, on CPU the process's peak RSS), TFLOP per step
 (XLA ``compiled.cost_analysis()['flops']`` of the JAX step; the PyTorch rows use the same count),
 MFU (that count / step time / the dense peak: ``--peak_bf16_tflops`` 989, ``--peak_tf32_tflops``
@@ -37,6 +38,7 @@ Output: the table as rows finish, the table again, then one JSON line with every
 gpu_benchmark.txt there.
 """
 import argparse
+import functools
 import gc
 import importlib.metadata
 import importlib.util
@@ -70,14 +72,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument('--width', type=int, default=64, help='stem width (64 = the paper)')
   parser.add_argument('--image_size', type=int, default=512)
   parser.add_argument('--batch_sizes', default='16,32')
-  parser.add_argument('--dtypes', default='float32,bfloat16')
+  parser.add_argument('--dtypes', default='bfloat16,float32')
   parser.add_argument('--conv_impls', default='xla,cpu_gemm')
   parser.add_argument('--torch_dtypes', default='bfloat16',
                       help="PyTorch peer compute: 'bfloat16' (autocast) and/or 'float32' (TF32); "
                       "'' = no peer")
   parser.add_argument('--steps', type=int, default=10, help='timed steps per row')
   parser.add_argument('--warmup', type=int, default=2, help='untimed steps after compiling')
-  parser.add_argument('--budget_s', type=float, default=420.0,
+  parser.add_argument('--budget_s', type=float, default=360.0,
                       help='start no row after this many seconds')
   parser.add_argument('--peak_bf16_tflops', type=float, default=PEAK_TFLOPS['bfloat16'])
   parser.add_argument('--peak_tf32_tflops', type=float, default=PEAK_TFLOPS['float32'])
@@ -321,12 +323,10 @@ def loss_timings(config: Any, batch: dict[str, Any], args: argparse.Namespace
   timings = {}
   for name, loss in (('lovasz', lovasz),
                      ('hybrid_loss', lambda x: losses.make_loss(config.loss)(x, labels, valid))):
-    function = jax.jit(jax.value_and_grad(loss))
-    timed(lambda: function(logits))  # pylint: disable=cell-var-from-loop
-    for _ in range(args.warmup):
-      timed(lambda: function(logits))  # pylint: disable=cell-var-from-loop
-    times = [timed(lambda: function(logits)) for _ in range(args.steps)]  # pylint: disable=cell-var-from-loop
-    timings[f'{name}_ms'] = 1e3 * statistics.median(times)
+    call = functools.partial(jax.jit(jax.value_and_grad(loss)), logits)
+    for _ in range(1 + args.warmup):  # compile, warm up
+      timed(call)
+    timings[f'{name}_ms'] = 1e3 * statistics.median(timed(call) for _ in range(args.steps))
   return timings
 
 
@@ -472,10 +472,13 @@ def main(argv: list[str]) -> None:
   variables = jax.block_until_ready(initial_variables(build_model(config), in_channels))
   init_s = time.perf_counter() - start
   rows, loss_ms = [], {}
-  for batch_size in args.batch_sizes:
-    batch = jax.device_put(host_batch(config, batch_size))
-    for dtype in args.dtypes:
-      for conv_impl in args.conv_impls:
+  batches = {}
+  for conv_impl in args.conv_impls:
+    for batch_size in args.batch_sizes:
+      if batch_size not in batches:
+        batches[batch_size] = jax.device_put(host_batch(config, batch_size))
+      batch = batches[batch_size]
+      for dtype in args.dtypes:
         label = f'jax {dtype} {conv_impl} b{batch_size}'
         if time.perf_counter() - started > args.budget_s:
           row = {'framework': 'jax', 'batch_size': batch_size, 'dtype': dtype,

@@ -9,6 +9,8 @@ field other than 0 is skipped), grouped by the row's 'modality' (the evaluation 
 writes the training modality, ``--mode=evaluate`` and scripts/cross_modality_table.py the
 modality they evaluated on). ``--select=best`` (default) takes the highest 'miou' (or
 'best_miou', where a row has one) of a group, ``--select=final`` the row of the largest step.
+Table 1's cross cells usually come from one evaluation of the final checkpoint
+(scripts/cross_modality_table.py), so ``--select=final`` compares one checkpoint on both inputs.
 
   Table 1 (cross-modality): trained on data.modality rgb / nir, evaluated on rgb / nir; any
     model and loss. Paper: RGB->RGB 46.05, RGB->NIR 18.29, NIR->NIR 44.22, NIR->RGB 23.39.
