@@ -1,7 +1,8 @@
 """scripts/gpu_benchmark.py --smoke: the whole script on CPU at a tiny size (no timing asserted).
 
-grain, tensorflow_datasets and tensorboardX are made unimportable for the script and its PyTorch
-child, as on a bare GPU image that has only jax, flax, optax, orbax, torch and ml_collections.
+grain, tensorflow_datasets, tensorboardX and safetensors are made unimportable for the script and
+its PyTorch child, as on a bare GPU image that has only jax, flax, optax, orbax, torch and
+ml_collections.
 """
 import json
 import math
@@ -10,7 +11,7 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BLOCKED = ('grain', 'tensorflow_datasets', 'tensorboardX')
+BLOCKED = ('grain', 'tensorflow_datasets', 'tensorboardX', 'safetensors')
 TIMED_FIELDS = ('compile_s', 'step_ms_median', 'step_ms_p90', 'images_per_s', 'peak_gb',
                 'tflop_per_step', 'mfu')
 

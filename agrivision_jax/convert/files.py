@@ -4,7 +4,6 @@ import os
 from typing import Any, Mapping
 
 import numpy as np
-import safetensors.numpy
 
 
 
@@ -61,6 +60,8 @@ def _read_torch(path: str) -> Any:
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
   """Every tensor of a .safetensors file as numpy; ValueError naming ``path`` if unreadable."""
+  # Imported here: importing the package (tests/torch_reference.py does) needs no safetensors.
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
   try:
     return safetensors.numpy.load_file(path)
   except Exception as e:  # pylint: disable=broad-except (safetensors raises its own types)

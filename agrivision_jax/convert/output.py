@@ -7,8 +7,6 @@ import secrets
 import shutil
 from typing import Any, Mapping
 
-import safetensors.numpy
-
 from agrivision_jax.convert.files import SourceFile, read_checkpoint, read_safetensors
 from agrivision_jax.convert.names import (flat_variables, flax_path_to_torch_key, join_path,
                                           state_dict_to_variables, torch_key_to_module_path,
@@ -105,6 +103,7 @@ def format_report(report: Mapping[str, Any]) -> str:
 
 
 def _write_directory(directory: str, conversion: Conversion, report: Mapping[str, Any]) -> None:
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top (as in files.read_safetensors)
   flat = {join_path(path): value for path, value in flat_variables(conversion.variables).items()}
   with open(os.path.join(directory, VARIABLES_FILE), 'wb') as f:
     f.write(safetensors.numpy.save(
