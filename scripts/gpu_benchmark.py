@@ -457,7 +457,7 @@ def main(argv: list[str]) -> None:
   started = time.perf_counter()
   if args.smoke:
     os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-  peer = (run_torch_child(args, argv, args.budget_s / 3) if args.torch_dtypes
+  peer = (run_torch_child(args, argv, args.budget_s / 2) if args.torch_dtypes
           else {'device': None, 'versions': {}, 'rows': []})
   import jax  # pylint: disable=g-import-not-at-top (after the peer has freed the GPU)
   config = experiment_config(args)
