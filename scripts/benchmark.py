@@ -13,7 +13,18 @@ folder). ``--peer=torch`` also runs, in the same process, the PyTorch DeepLabV3+
 tests/torch_reference.py with the same architecture, input, batch, hybrid loss and SGD, at its
 best CPU settings (channels_last, one intra-op thread per core); the JAX and PyTorch steps are
 interleaved (A, B, A, B, ...) so that load changes hit both alike, and the ratio of the medians
-JAX / PyTorch is printed. The last line is one JSON object with every figure.
+JAX / PyTorch is printed. The last line is one JSON object with every figure, including
+``conv_impl`` (``config.model.conv_impl`` resolved for the backend) and ``collectives``: how many
+of each collective operation (all-reduce, all-gather, reduce-scatter, all-to-all,
+collective-permute, ...) the compiled train step's HLO holds, counted statically (an op inside a
+loop body counts once; an async start/done pair counts once).
+
+What a config costs across devices, on one CPU host: ``--cpu_devices=8`` splits the host into 8
+XLA devices (``jax_num_cpu_devices``; the batch size must divide by it), so the step is compiled
+with the same collectives as on 8 accelerators:
+
+  PYTHONPATH=. python scripts/benchmark.py --config=configs/ibn_s.py:depth=50,demo \
+      --cpu_devices=8 --config.data.batch_size=8 --steps=2 --eval_steps=0 --pipeline_batches=0
 
 XLA flags are set by ``agrivision_jax.runtime.configure_xla`` before JAX starts (set
 ``AGRIVISION_DEFAULT_XLA=1`` to measure XLA's defaults), and ``runtime.configure_host_memory``
@@ -35,6 +46,7 @@ ADDED_XLA_FLAGS = runtime.configure_xla()
 import importlib.metadata
 import json
 import platform
+import re
 import resource
 import statistics
 import tempfile
@@ -63,7 +75,42 @@ _PIPELINE_BATCHES = flags.DEFINE_integer('pipeline_batches', 5,
                                          'timed input-pipeline batches (0 = skip)')
 _PEER = flags.DEFINE_enum('peer', '', ['', 'torch'], 'also run this eager peer, interleaved')
 _THREADS = flags.DEFINE_integer('torch_threads', os.cpu_count(), 'torch.set_num_threads')
+_CPU_DEVICES = flags.DEFINE_integer(
+    'cpu_devices', 0, 'split the CPU backend into this many XLA devices (jax_num_cpu_devices); '
+    '0 = leave as configured')
 flags.mark_flag_as_required('config')
+
+
+COLLECTIVE_OPS = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'ragged-all-to-all',
+                  'collective-permute', 'collective-broadcast')
+# An HLO instruction's opcode follows its result shape: '= f32[8]{0} all-reduce(' or
+# '= (f32[], f32[]) all-reduce-start('; instruction names ('%all-reduce.3 =') never match.
+_COLLECTIVE = re.compile(r'[\s)](' + '|'.join(COLLECTIVE_OPS) + r')(?:-start)?\(')
+
+
+def count_collectives(hlo_text: str) -> dict[str, int]:
+  """How many of each collective operation an HLO module's text holds.
+
+  Args:
+    hlo_text: ``jax.jit(f).lower(...).compile().as_text()`` (the optimised module).
+  Returns:
+    {op: count} for every op of ``COLLECTIVE_OPS`` (0 when absent); an async ``*-start`` /
+    ``*-done`` pair counts as one op, and an op inside a loop body counts once.
+  """
+  counts = dict.fromkeys(COLLECTIVE_OPS, 0)
+  for match in _COLLECTIVE.finditer(hlo_text):
+    counts[match.group(1)] += 1
+  return counts
+
+
+def model_io(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """(in_channels, num_classes) of the config's model."""
+  return config.model.in_channels, config.model.num_classes
+
+
+def build_model(config: ml_collections.ConfigDict) -> Any:
+  """The config's DeepLabV3+ module (the script's one call of ``models.create_model``)."""
+  return models.create_model(config.model)
 
 
 def random_batch(config: ml_collections.ConfigDict, seed: int = 0) -> dict[str, np.ndarray]:
@@ -71,9 +118,9 @@ def random_batch(config: ml_collections.ConfigDict, seed: int = 0) -> dict[str, 
   (B,S,S,C) uint8 (p = 0.3), as the data pipeline gives them, valid (B,S,S) bool (95 %)."""
   rng = np.random.default_rng(seed)
   size, batch = config.data.image_size, config.data.batch_size
-  classes = config.model.num_classes
+  in_channels, classes = model_io(config)
   return {
-      'image': rng.standard_normal((batch, size, size, config.model.in_channels), np.float32),
+      'image': rng.standard_normal((batch, size, size, in_channels), np.float32),
       'labels': (rng.random((batch, size, size, classes)) < 0.3).astype(np.uint8),
       'valid': rng.random((batch, size, size)) < 0.95,
   }
@@ -90,7 +137,7 @@ class JaxSide:
 
   def __init__(self, config: ml_collections.ConfigDict, batch: dict[str, np.ndarray]):
     self.mesh = train.create_mesh()
-    model = models.create_model(config.model)
+    model = build_model(config)
     loss_fn = losses.make_loss(config.loss)
     tx = optim.create_optimizer(config.optim)
     start = time.perf_counter()
@@ -105,6 +152,7 @@ class JaxSide:
     cost = self.train_step.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     self.flops = float(cost.get('flops', 0.0)) if cost else 0.0
+    self.collectives = count_collectives(self.train_step.as_text())
     self.eval_step = train.make_eval_step(model, loss_fn, self.mesh)
     self.metrics = None
 
@@ -128,9 +176,10 @@ class TorchSide:
     torch.set_num_threads(threads)
     torch.manual_seed(config.seed)
     m = config.model
+    in_channels, num_classes = model_io(config)
     self.model = torch_reference.DeepLab(
         arch=m.arch, ibn_mode=m.ibn_mode, output_stride=m.output_stride,
-        multi_grid=tuple(m.multi_grid), in_channels=m.in_channels, num_classes=m.num_classes,
+        multi_grid=tuple(m.multi_grid), in_channels=in_channels, num_classes=num_classes,
         num_low_level_feat=m.num_low_level_features, width=m.width,
         aspp_channels=m.aspp_channels, decoder_channels=m.decoder_channels,
         low_level_channels=m.low_level_channels).to(memory_format=torch.channels_last)
@@ -215,11 +264,22 @@ def main(argv: list[str]) -> None:
   config = _CONFIG.value
   if _STEPS.value < 1:
     raise ValueError(f'--steps must be >= 1, got {_STEPS.value}')
+  if _CPU_DEVICES.value < 0:
+    raise ValueError(f'--cpu_devices must be >= 0, got {_CPU_DEVICES.value}')
+  if _CPU_DEVICES.value:
+    jax.config.update('jax_num_cpu_devices', _CPU_DEVICES.value)
+  if config.data.batch_size % jax.device_count():
+    raise ValueError(f'config.data.batch_size={config.data.batch_size} must be divisible by the '
+                     f'number of devices ({jax.device_count()})')
   batch_size = config.data.batch_size
   batch = random_batch(config)
   jax_side = JaxSide(config, batch)
-  print(f'jax: init {jax_side.init_seconds:.1f} s, compile {jax_side.compile_seconds:.1f} s',
+  conv_impl = models.resolve_conv_impl(config.model.conv_impl)
+  print(f'jax: {jax.device_count()} {jax.default_backend()} devices, conv_impl {conv_impl}, '
+        f'init {jax_side.init_seconds:.1f} s, compile {jax_side.compile_seconds:.1f} s',
         flush=True)
+  collectives = ', '.join(f'{op} {n}' for op, n in jax_side.collectives.items() if n)
+  print(f'train step collectives: {collectives or "none"}', flush=True)
   sides: dict[str, Any] = {'jax': jax_side}
   if _PEER.value == 'torch':
     sides['torch'] = TorchSide(config, batch, _THREADS.value)
@@ -238,7 +298,8 @@ def main(argv: list[str]) -> None:
       'dtype': config.model.dtype, 'batch_size': batch_size,
       'image_size': config.data.image_size, 'steps': _STEPS.value,
       'init_s': jax_side.init_seconds, 'compile_s': jax_side.compile_seconds,
-      'train_step_flops': jax_side.flops,
+      'train_step_flops': jax_side.flops, 'device_count': jax.device_count(),
+      'conv_impl': conv_impl, 'collectives': jax_side.collectives,
   }
   for name, times in train_times.items():
     median = statistics.median(times)

@@ -11,7 +11,8 @@ Example:
   python scripts/cross_modality_table.py --rgb_workdir=workdirs/r101_rgb \
       --nir_workdir=workdirs/r101_nir --out=table1.md
 Writes OUT (Markdown) and OUT with the suffix .json; each evaluation is also appended to the
-workdir's metrics.jsonl with its modality (as `--mode=evaluate` does).
+workdir's metrics.jsonl with its modality (as `--mode=evaluate` does), from which
+scripts/paper_tables.py puts the four cells beside the paper's Table 1.
 """
 
 import argparse

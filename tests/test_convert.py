@@ -357,3 +357,158 @@ runpy.run_path('scripts/convert_torch_weights.py', run_name='__main__')
   variables = convert.load_variables(out, report['model_config'])
   np.testing.assert_array_equal(variables['batch_stats']['backbone']['layer1_0']['bn1']['mean'],
                                 plain_state['layer1.0.bn1.running_mean'].numpy())
+
+
+# ------------------------------------------------------------------ published ImageNet key sets
+# The files users download: torchvision's resnet50-19c8e357.pth / resnet101-5d3b4d8f.pth (saved
+# before BatchNorm had a num_batches_tracked counter) and IBN-Net's v1.0 release
+# resnet{50,101}_ibn_{a,b}.pth (with counters). Their modules, restated from torchvision's
+# resnet.py and IBN-Net's ibnnet/resnet_ibn.py + ibnnet/modules.py (XingangPan/IBN-Net).
+
+
+class _PublishedIBN(torch.nn.Module):
+  """IBN-Net's IBN: InstanceNorm2d(half, affine=True) 'IN' | BatchNorm2d(rest) 'BN'."""
+
+  def __init__(self, planes):
+    super().__init__()
+    self.IN = torch.nn.InstanceNorm2d(planes // 2, affine=True)
+    self.BN = torch.nn.BatchNorm2d(planes - planes // 2)
+
+
+class _PublishedBottleneck(torch.nn.Module):
+  """IBN-Net's Bottleneck_IBN (torchvision's Bottleneck when ibn is None)."""
+
+  def __init__(self, inplanes, planes, ibn, downsample):
+    super().__init__()
+    self.conv1 = torch.nn.Conv2d(inplanes, planes, 1, bias=False)
+    self.bn1 = _PublishedIBN(planes) if ibn == 'a' else torch.nn.BatchNorm2d(planes)
+    self.conv2 = torch.nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+    self.bn2 = torch.nn.BatchNorm2d(planes)
+    self.conv3 = torch.nn.Conv2d(planes, planes * 4, 1, bias=False)
+    self.bn3 = torch.nn.BatchNorm2d(planes * 4)
+    if ibn == 'b':
+      self.IN = torch.nn.InstanceNorm2d(planes * 4, affine=True)
+    self.downsample = downsample
+
+
+class _PublishedResNet(torch.nn.Module):
+  """IBN-Net's ResNet_IBN(Bottleneck_IBN, layers, ibn_cfg) with a stem ``width`` (64 there);
+  ibn_cfg (None,) * 4 is torchvision's ResNet, ('a', 'a', 'a', None) IBN-a, ('b', 'b', None,
+  None) IBN-b."""
+
+  def __init__(self, layers, ibn_cfg, width=64, num_classes=1000):
+    super().__init__()
+    self.inplanes = width
+    self.conv1 = torch.nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
+    self.bn1 = (torch.nn.InstanceNorm2d(width, affine=True) if ibn_cfg[0] == 'b'
+                else torch.nn.BatchNorm2d(width))
+    for stage, (blocks, ibn) in enumerate(zip(layers, ibn_cfg)):
+      planes = width * 2 ** stage
+      downsample = torch.nn.Sequential(
+          torch.nn.Conv2d(self.inplanes, planes * 4, 1, stride=1 if stage == 0 else 2,
+                          bias=False),
+          torch.nn.BatchNorm2d(planes * 4))
+      modules = [_PublishedBottleneck(self.inplanes, planes, None if ibn == 'b' else ibn,
+                                      downsample)]
+      self.inplanes = planes * 4
+      modules += [_PublishedBottleneck(self.inplanes, planes,
+                                       None if (ibn == 'b' and i < blocks - 1) else ibn, None)
+                  for i in range(1, blocks)]
+      setattr(self, f'layer{stage + 1}', torch.nn.Sequential(*modules))
+    self.fc = torch.nn.Linear(self.inplanes, num_classes)
+
+
+_PUBLISHED_FILES = {  # file -> (ibn_cfg, has num_batches_tracked)
+    'torchvision': ((None,) * 4, False),
+    'ibn_a': (('a', 'a', 'a', None), True),
+    'ibn_b': (('b', 'b', None, None), True),
+}
+_TARGETS = {'torchvision': ('none',), 'ibn_a': ('a', 's'), 'ibn_b': ('b',)}
+
+
+def _published_state(arch: str, source: str, device: str = 'cpu') -> dict[str, torch.Tensor]:
+  ibn_cfg, counters = _PUBLISHED_FILES[source]
+  with torch.device(device):
+    net = _PublishedResNet(ref.ARCH_LAYERS[arch], ibn_cfg)
+  state = net.state_dict()
+  if device != 'meta':
+    gen = torch.Generator().manual_seed(11)
+    state = {k: torch.rand(v.shape, generator=gen) + 0.5 if v.is_floating_point() else v
+             for k, v in state.items()}
+  return {k: v for k, v in state.items() if counters or not k.endswith('num_batches_tracked')}
+
+
+def _expected_ignored(key: str, mode: str) -> bool:
+  return (key.startswith('fc.') or key.endswith('num_batches_tracked')
+          or (mode == 's' and ('.bn1.IN.' in key or '.bn1.BN.' in key)))
+
+
+def _check_accounting(plan, state_keys, config, mode):
+  """Every source tensor used or ignored for its reason; every leaf filled or fresh for its."""
+  assert plan.used.keys() | plan.ignored.keys() == set(state_keys)
+  assert not plan.used.keys() & plan.ignored.keys()
+  assert set(plan.ignored) == {k for k in state_keys if _expected_ignored(k, mode)}
+  template = convert.variable_shapes(config)
+  filled = [path for path, _ in plan.used.values()]
+  assert len(set(filled)) == len(filled)
+  assert set(filled) | set(plan.fresh) == set(template) and not set(filled) & set(plan.fresh)
+  sn = {p for p in template if ('params',) + p[1:-1] + ('mean_weight',) in template}
+  assert set(plan.fresh) == {p for p in template if p[1] != 'backbone'} | (
+      sn if mode == 's' else set())
+  assert sn if mode == 's' else not sn
+
+
+@pytest.mark.parametrize('arch', ['resnet50', 'resnet101'])
+def test_published_imagenet_key_sets_full_width(arch):
+  """The exact key set and shapes of each downloadable file (shapes only) plans for its rows:
+  torchvision -> none, IBN-a -> a and s (SN fresh), IBN-b -> b, with in_channels 4."""
+  blocks = sum(ref.ARCH_LAYERS[arch])
+  for source, modes in _TARGETS.items():
+    shapes = {k: tuple(v.shape) for k, v in _published_state(arch, source, 'meta').items()}
+    if source == 'torchvision':  # conv weight + 4 BN tensors per conv; fc weight and bias
+      assert len(shapes) == (1 + 3 * blocks + 4) * 5 + 2
+      assert shapes['fc.weight'] == (1000, 2048) and shapes['conv1.weight'] == (64, 3, 7, 7)
+    if source == 'ibn_a':
+      assert shapes['layer3.5.bn1.IN.weight'] == (128,)
+      assert shapes['layer3.5.bn1.BN.running_var'] == (128,)
+      assert 'layer4.0.bn1.running_mean' in shapes and 'bn1.running_mean' in shapes
+    if source == 'ibn_b':
+      assert shapes['bn1.weight'] == (64,) and 'bn1.running_mean' not in shapes
+      assert shapes['layer1.2.IN.weight'] == (256,) and shapes['layer2.3.IN.bias'] == (512,)
+      assert not any('.IN.' in k for k in shapes if k.startswith(('layer1.1.', 'layer3.')))
+    for mode in modes:
+      config = _model_config(arch=arch, ibn_mode=mode, width=64, aspp_channels=256,
+                             decoder_channels=256, low_level_channels=48)
+      plan = convert.plan_conversion(shapes, config, name=f'{source}.pth')
+      _check_accounting(plan, shapes, config, mode)
+      assert plan.layout.arch == arch and plan.layout.in_channels == 3
+      assert plan.used['conv1.weight'][1].endswith('(NIR) = R filter')
+
+
+@pytest.mark.parametrize('container', ['pth', 'safetensors'])
+def test_published_imagenet_files_convert_every_tensor(container, tmp_path):
+  """Full-size ResNet-50 files with each published key set, random values, as .pth and
+  .safetensors: every tensor is converted (values moved exactly) or ignored for its reason."""
+  for source, modes in _TARGETS.items():
+    state = _published_state('resnet50', source)
+    path = str(tmp_path / f'{source}.{container}')
+    if container == 'pth':
+      torch.save(state, path)
+    else:
+      _save_safetensors(state, path)
+    tensors = convert.read_checkpoint(path).tensors
+    assert tensors.keys() == state.keys()
+    for mode in modes:
+      config = _model_config(ibn_mode=mode, width=64, aspp_channels=256, decoder_channels=256,
+                             low_level_channels=48)
+      conversion = convert.convert_state_dict(tensors, config, name=path)
+      _check_accounting(conversion.plan, state, config, mode)
+      flat = _flat(conversion.variables)
+      for key, (leaf, transform) in conversion.plan.used.items():
+        value = state[key].numpy()
+        if transform.startswith('OIHW->HWIO'):
+          if 'NIR' in transform:
+            value = np.concatenate([value, value[:, :1]], axis=1)
+          value = np.transpose(value, (2, 3, 1, 0))
+        np.testing.assert_array_equal(flat['/'.join(leaf)], value, err_msg=key)
+    os.remove(path)

@@ -4,7 +4,6 @@ import os
 from typing import Any, Mapping
 
 import numpy as np
-import safetensors.numpy
 
 
 
@@ -35,7 +34,7 @@ class SourceFile:
   tensors: dict[str, np.ndarray]
 
 
-def _as_numpy(value: Any) -> np.ndarray | None:
+def as_numpy(value: Any) -> np.ndarray | None:
   """A numpy array from a numpy or torch tensor (floating -> float32); None for anything else."""
   if isinstance(value, np.ndarray):
     return value.astype(np.float32) if np.issubdtype(value.dtype, np.floating) else value
@@ -59,7 +58,10 @@ def _read_torch(path: str) -> Any:
                      f'{type(e).__name__}: {message}') from e
 
 
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+  """Every tensor of a .safetensors file as numpy; ValueError naming ``path`` if unreadable."""
+  # Imported here: importing the package (tests/torch_reference.py does) needs no safetensors.
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
   try:
     return safetensors.numpy.load_file(path)
   except Exception as e:  # pylint: disable=broad-except (safetensors raises its own types)
@@ -82,7 +84,7 @@ def read_checkpoint(path: str) -> SourceFile:
     raise FileNotFoundError(f'{path}: no such checkpoint file')
   lower = path.lower()
   if lower.endswith(SAFETENSORS_SUFFIXES):
-    container, content = 'safetensors', _read_safetensors(path)
+    container, content = 'safetensors', read_safetensors(path)
   elif lower.endswith(TORCH_SUFFIXES):
     container, content = 'torch', _read_torch(path)
   else:
@@ -92,7 +94,7 @@ def read_checkpoint(path: str) -> SourceFile:
     raise ValueError(f'{path}: not a checkpoint: it holds a {type(content).__name__}, not a '
                      'state_dict (a mapping of names to tensors)')
   wrapper, entries = None, ()
-  if not all(_as_numpy(v) is not None for v in content.values()):
+  if not all(as_numpy(v) is not None for v in content.values()):
     inner = [name for name in WRAPPER_KEYS if isinstance(content.get(name), Mapping)]
     if len(inner) == 1:
       wrapper = inner[0]
@@ -100,7 +102,7 @@ def read_checkpoint(path: str) -> SourceFile:
       content = content[wrapper]
   tensors, bad = {}, []
   for key, value in content.items():
-    array = _as_numpy(value)
+    array = as_numpy(value)
     if not isinstance(key, str) or array is None:
       bad.append(f'{key!r} ({type(value).__name__})')
     else:

@@ -6,7 +6,7 @@ import numpy as np
 
 
 
-_DROPPED_LEAVES = ('num_batches_tracked',)
+DROPPED_LEAVES = ('num_batches_tracked',)
 # torch leaf -> (collection, flax leaf); 'weight' is resolved against the template.
 _LEAF_MAP = {
     'bias': ('params', 'bias'),
@@ -54,7 +54,8 @@ def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tupl
   return flat
 
 
-def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
+def unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
+  """{('params', 'backbone', 'conv1', 'kernel'): x, ...} -> the nested dict {'params': {...}}."""
   tree: dict[str, Any] = {}
   for path, value in flat.items():
     node = tree
@@ -64,18 +65,21 @@ def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
   return tree
 
 
-def _flat_variables(template: Mapping[str, Any]) -> dict[Path, Any]:
+def flat_variables(template: Mapping[str, Any]) -> dict[Path, Any]:
+  """{'params': {...}, 'batch_stats': {...}} -> {(collection, module, ..., leaf): leaf value}."""
   return {(collection,) + path: leaf
           for collection, tree in template.items()
           for path, leaf in _flatten(tree).items()}
 
 
-def _join(path: Path) -> str:
+def join_path(path: Path) -> str:
+  """('params', 'backbone', 'conv1', 'kernel') -> 'params/backbone/conv1/kernel'."""
   return '/'.join(path)
 
 
-def _match(key: str, flat_template: Mapping[Path, Any]) -> Path | None:
-  """The template path that torch ``key`` names (module doc rule), or None."""
+def match_key(key: str, flat_template: Mapping[Path, Any]) -> Path | None:
+  """The path of ``flat_template`` (from ``flat_variables``) that torch ``key`` names by the
+  name rule of ``agrivision_jax.convert``, or None when it names no leaf there."""
   module_path, leaf = torch_key_to_module_path(key)
   if leaf == 'weight':
     kind = 'kernel' if ('params',) + module_path + ('kernel',) in flat_template else 'scale'
@@ -88,9 +92,14 @@ def _match(key: str, flat_template: Mapping[Path, Any]) -> Path | None:
   return path if path in flat_template else None
 
 
-def _transform(path: Path, shape: tuple[int, ...], target: tuple[int, ...],
-               nir_from_r: bool) -> tuple[str, tuple[int, ...]]:
-  """(transform name, converted shape) of a torch tensor of ``shape`` going to ``path``."""
+def layout_transform(path: Path, shape: tuple[int, ...], target: tuple[int, ...],
+                     nir_from_r: bool) -> tuple[str, tuple[int, ...]]:
+  """(transform name, converted shape) of a torch tensor of ``shape`` going to ``path``.
+
+  Conv kernels (O, I, kh, kw) -> 'OIHW->HWIO' (kh, kw, I, O); with ``nir_from_r`` a 3-input
+  first conv whose ``target`` has 4 inputs gets the NIR filter; a (1, C, 1, 1) norm vector for a
+  (C,) ``target`` -> 'flatten'; anything else 'copy'. ``apply_transform`` applies the name.
+  """
   if path[-1] == 'kernel' and len(shape) == 4:
     out, cin, kh, kw = shape
     if nir_from_r and path == FIRST_CONV and cin == 3 and target[2:3] == (4,):
@@ -102,7 +111,8 @@ def _transform(path: Path, shape: tuple[int, ...], target: tuple[int, ...],
   return 'copy', tuple(shape)
 
 
-def _apply_transform(transform: str, value: np.ndarray) -> np.ndarray:
+def apply_transform(transform: str, value: np.ndarray) -> np.ndarray:
+  """Applies a transform named by ``layout_transform`` to a torch-layout array."""
   if transform.startswith('OIHW->HWIO'):
     if 'NIR' in transform:
       value = np.concatenate([value, value[:, :1]], axis=1)
@@ -125,30 +135,30 @@ def state_dict_to_variables(state_dict: Mapping[str, Any],
   Raises:
     ValueError listing every unmatched key, every shape mismatch and every unfilled leaf.
   """
-  flat_template = _flat_variables(template)
+  flat_template = flat_variables(template)
   filled: dict[Path, np.ndarray] = {}
   unmatched, mismatched = [], []
   for key, value in state_dict.items():
-    if torch_key_to_module_path(key)[1] in _DROPPED_LEAVES:
+    if torch_key_to_module_path(key)[1] in DROPPED_LEAVES:
       continue
-    path = _match(key, flat_template)
+    path = match_key(key, flat_template)
     if path is None:
       unmatched.append(key)
       continue
     target = flat_template[path]
     value = np.asarray(value)
-    transform, shape = _transform(path, value.shape, tuple(target.shape), nir_from_r=False)
+    transform, shape = layout_transform(path, value.shape, tuple(target.shape), nir_from_r=False)
     if shape != tuple(target.shape):
-      mismatched.append(f'{key} {value.shape} -> {_join(path)} expects {tuple(target.shape)}')
+      mismatched.append(f'{key} {value.shape} -> {join_path(path)} expects {tuple(target.shape)}')
       continue
-    filled[path] = _apply_transform(transform, value).astype(target.dtype)
-  unfilled = sorted(_join(path) for path in flat_template if path not in filled)
+    filled[path] = apply_transform(transform, value).astype(target.dtype)
+  unfilled = sorted(join_path(path) for path in flat_template if path not in filled)
   if unmatched or mismatched or unfilled:
     lines = ([f'unmatched torch key: {key}' for key in unmatched]
              + [f'shape mismatch: {entry}' for entry in mismatched]
              + [f'unfilled flax leaf: {path}' for path in unfilled])
     raise ValueError('state_dict does not match the model:\n  ' + '\n  '.join(lines))
-  return _unflatten(filled)
+  return unflatten(filled)
 
 
 # ----------------------------------------------------------------------------- reading files

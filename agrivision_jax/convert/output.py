@@ -7,11 +7,10 @@ import secrets
 import shutil
 from typing import Any, Mapping
 
-import safetensors.numpy
-
-from agrivision_jax.convert.files import SourceFile, _read_safetensors, read_checkpoint
-from agrivision_jax.convert.names import (_flat_variables, _join, _unflatten, flax_path_to_torch_key,
-                                          state_dict_to_variables, torch_key_to_module_path)
+from agrivision_jax.convert.files import SourceFile, read_checkpoint, read_safetensors
+from agrivision_jax.convert.names import (flat_variables, flax_path_to_torch_key, join_path,
+                                          state_dict_to_variables, torch_key_to_module_path,
+                                          unflatten)
 from agrivision_jax.convert.plan import (ACCEPTED_BACKBONE_VARIANTS, BACKBONE_FIELDS, HEAD_FIELDS,
                                          Conversion, Plan, SourceLayout, convert_state_dict,
                                          describe_source, model_config_dict, plan_conversion,
@@ -56,12 +55,13 @@ def build_report(source: SourceFile, conversion: Conversion, model_config: Mappi
                  'ignored': len(plan.ignored), 'flax_leaves': len(flat_template),
                  'filled': len(plan.used), 'fresh': len(plan.fresh)},
       'notes': list(plan.notes),
-      'used': [{'key': key, 'shape': shapes[key], 'leaf': _join(path),
+      'used': [{'key': key, 'shape': shapes[key], 'leaf': join_path(path),
                 'leaf_shape': list(flat_template[path].shape), 'transform': transform}
                for key, (path, transform) in plan.used.items()],
       'ignored': [{'key': key, 'shape': shapes[key], 'reason': reason}
                   for key, reason in plan.ignored.items()],
-      'fresh': [{'leaf': _join(path), 'shape': list(flat_template[path].shape), 'reason': reason}
+      'fresh': [{'leaf': join_path(path), 'shape': list(flat_template[path].shape),
+                 'reason': reason}
                 for path, reason in plan.fresh.items()],
   }
 
@@ -103,7 +103,8 @@ def format_report(report: Mapping[str, Any]) -> str:
 
 
 def _write_directory(directory: str, conversion: Conversion, report: Mapping[str, Any]) -> None:
-  flat = {_join(path): value for path, value in _flat_variables(conversion.variables).items()}
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top (as in files.read_safetensors)
+  flat = {join_path(path): value for path, value in flat_variables(conversion.variables).items()}
   with open(os.path.join(directory, VARIABLES_FILE), 'wb') as f:
     f.write(safetensors.numpy.save(
         flat, metadata={'format': FORMAT_NAME, 'version': str(FORMAT_VERSION)}))
@@ -114,7 +115,7 @@ def _write_directory(directory: str, conversion: Conversion, report: Mapping[str
       'source': {'path': report['input']['path'], 'sha256': report['input']['sha256'],
                  **report['source']},
       'filled': sorted(flat),
-      'fresh': {_join(path): reason for path, reason in conversion.plan.fresh.items()},
+      'fresh': {join_path(path): reason for path, reason in conversion.plan.fresh.items()},
   }
   for name, text in ((MANIFEST_FILE, json.dumps(manifest, indent=1)),
                      (REPORT_JSON_FILE, json.dumps(report, indent=1)),
@@ -247,13 +248,13 @@ def load_variables(directory: str,
   path = os.path.join(directory, VARIABLES_FILE)
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{directory}: no {VARIABLES_FILE}')
-  flat = _read_safetensors(path)
+  flat = read_safetensors(path)
   if set(flat) != set(manifest['filled']):
     extra = sorted(set(flat) - set(manifest['filled']))
     absent = sorted(set(manifest['filled']) - set(flat))
     raise ValueError(f'{path}: does not match {MANIFEST_FILE}: unlisted {extra}, absent {absent}')
   variables = {'params': {}, 'batch_stats': {}}
-  variables.update(_unflatten({tuple(key.split('/')): value for key, value in flat.items()}))
+  variables.update(unflatten({tuple(key.split('/')): value for key, value in flat.items()}))
   return variables
 
 

@@ -10,10 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from agrivision_jax import models
-from agrivision_jax.convert.files import _as_numpy
-from agrivision_jax.convert.names import (Path, _DROPPED_LEAVES, _apply_transform,
-                                          _flat_variables, _join, _match, _transform, _unflatten,
-                                          flax_path_to_torch_key, torch_key_to_module_path)
+from agrivision_jax.convert.files import as_numpy
+from agrivision_jax.convert.names import (DROPPED_LEAVES, Path, apply_transform,
+                                          flat_variables, flax_path_to_torch_key, join_path,
+                                          layout_transform, match_key, torch_key_to_module_path,
+                                          unflatten)
 
 
 DEEPLAB_MODULES = ('backbone', 'aspp', 'decoder')
@@ -133,7 +134,7 @@ def _cached_template(config_json: str) -> dict[Path, jax.ShapeDtypeStruct]:
   images = jax.ShapeDtypeStruct((1, models.INIT_SIZE, models.INIT_SIZE,
                                  model_config['in_channels']), jnp.float32)
   template = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
-  return _flat_variables(template)
+  return flat_variables(template)
 
 
 def variable_shapes(model_config: Mapping[str, Any]) -> dict[Path, jax.ShapeDtypeStruct]:
@@ -176,7 +177,7 @@ def _is_instance_norm(module: Path, flat_template: Mapping[Path, Any]) -> bool:
 def _ignore_reason(key: str, mapped_key: str, layout: SourceLayout,
                    flat_template: Mapping[Path, Any], sn_from_ibn_a: bool) -> str | None:
   module, leaf = torch_key_to_module_path(mapped_key)
-  if leaf in _DROPPED_LEAVES:
+  if leaf in DROPPED_LEAVES:
     return _REASON_COUNTER
   if layout.kind == 'imagenet' and key.split('.')[0] == 'fc':
     return _REASON_FC
@@ -250,15 +251,15 @@ def plan_conversion(shapes: Mapping[str, tuple[int, ...]], model_config: Mapping
     if reason:
       ignored[key] = reason
       continue
-    path = _match(mapped_key, flat_template)
+    path = match_key(mapped_key, flat_template)
     if path is None:
       unknown.append(f'unknown key: {key} {shape}')
       continue
     target = tuple(flat_template[path].shape)
-    transform, converted = _transform(path, shape, target, nir_from_r=True)
+    transform, converted = layout_transform(path, shape, target, nir_from_r=True)
     if converted != target:
       mismatched_paths.add(path)
-      mismatched.append(f'shape mismatch: {key} {shape} -> {_join(path)} expects {target}'
+      mismatched.append(f'shape mismatch: {key} {shape} -> {join_path(path)} expects {target}'
                         + (f' (after {transform})' if transform != 'copy' else ''))
       continue
     if 'NIR' in transform:
@@ -277,7 +278,7 @@ def plan_conversion(shapes: Mapping[str, tuple[int, ...]], model_config: Mapping
     else:
       key = flax_path_to_torch_key(path)
       key = key[len('backbone.'):] if imagenet else key
-      missing.append(f'missing key: {key} (for {_join(path)} {tuple(leaf.shape)})')
+      missing.append(f'missing key: {key} (for {join_path(path)} {tuple(leaf.shape)})')
   problems = unknown + mismatched + missing
   if problems:
     found = {'arch': layout.arch, 'width': layout.width, 'in_channels': layout.in_channels}
@@ -327,13 +328,13 @@ def convert_state_dict(tensors: Mapping[str, Any], model_config: Mapping[str, An
   """
   arrays = {}
   for key, value in tensors.items():
-    array = _as_numpy(value)
+    array = as_numpy(value)
     arrays[key] = np.asarray(value) if array is None else array
   plan = plan_conversion({key: value.shape for key, value in arrays.items()}, model_config, name)
   flat_template = variable_shapes(model_config)
-  filled = {path: np.ascontiguousarray(_apply_transform(transform, arrays[key]),
+  filled = {path: np.ascontiguousarray(apply_transform(transform, arrays[key]),
                                        dtype=flat_template[path].dtype)
             for key, (path, transform) in plan.used.items()}
   variables = {'params': {}, 'batch_stats': {}}
-  variables.update(_unflatten(filled))
+  variables.update(unflatten(filled))
   return Conversion(variables, plan)
