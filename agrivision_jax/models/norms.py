@@ -227,7 +227,8 @@ class SwitchableNorm(_FoldedNorm):
 
     mean_in, var_in = _moments(x, (1, 2), ddof=1)  # (B,1,1,C)
     mean_ln = jnp.mean(mean_in, axis=-1, keepdims=True)  # (B,1,1,1)
-    var_ln = jnp.mean(var_in + jnp.square(mean_in), axis=-1, keepdims=True) - jnp.square(mean_ln)
+    # mean_c(var_in + mean_in^2) - mean_ln^2, centred (per image: no communication to save).
+    var_ln = jnp.mean(var_in + jnp.square(mean_in - mean_ln), axis=-1, keepdims=True)
     mean = mean_weight[0] * mean_in + mean_weight[1] * mean_ln
     var = var_weight[0] * var_in + var_weight[1] * var_ln
 
