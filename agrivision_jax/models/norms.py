@@ -112,6 +112,20 @@ def _check_nhwc(x: Array, layer: str) -> None:
     raise ValueError(f'{layer} expects NHWC input (4 dims), got shape {x.shape}')
 
 
+def _explicit_batch_sharding(a: Array):
+  """The NamedSharding of ``a`` if its batch axis is sharded over Explicit mesh axes, else None."""
+  sharding = jax.typeof(a).sharding
+  if not sharding.spec or sharding.spec[0] is None:
+    return None
+  return sharding
+
+
+def _replicated(a: Array, sharding) -> Array:
+  """``a`` resharded to replicated on ``sharding``'s mesh (Explicit axes)."""
+  return jax.sharding.reshard(
+      a, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
+
+
 class _FoldedNorm(nn.Module):
   """A norm whose ``coefficients(x, train)`` give ``a, b`` with output ``x * a + b``."""
 
@@ -240,9 +254,16 @@ class SwitchableNorm(_FoldedNorm):
         if batch % group:
           raise ValueError(f'SwitchableNorm statistics groups of {group} images '
                            f'(config.model.sn_group_size) do not divide the batch of {batch}')
+        # Under Explicit mesh axes the (small) instance statistics are grouped replicated;
+        # under Auto axes groups inside a device's shard need no communication.
+        explicit = _explicit_batch_sharding(mean_in) if self.group_size else None
+        rows_in = [mean_in.reshape(batch, channels), var_in.reshape(batch, channels)]
+        if explicit is not None:
+          rows_in = [_replicated(rows, explicit) for rows in rows_in]
         shift = jax.lax.stop_gradient(ra_mean.value).astype(mean_in.dtype)
-        centred = mean_in.reshape(batch // group, group, channels) - shift
-        moments = jnp.mean(jnp.stack([centred, var_in.reshape(centred.shape)
+        shape = (batch // group, group, channels)
+        centred = rows_in[0].reshape(shape) - shift
+        moments = jnp.mean(jnp.stack([centred, rows_in[1].reshape(shape)
                                       + jnp.square(centred)]), axis=2)  # (2, B/G, C)
         mean_bn = moments[0] + shift  # (B/G, C)
         var_bn = moments[1] - jnp.square(moments[0])
@@ -253,8 +274,11 @@ class SwitchableNorm(_FoldedNorm):
           else:
             ra_mean.value = ra_mean.value + mean_bn[0]
             ra_var.value = ra_var.value + jnp.square(mean_bn[0]) + var_bn[0]
-        mean_bn = jnp.repeat(mean_bn, group, axis=0).reshape(batch, 1, 1, channels)
-        var_bn = jnp.repeat(var_bn, group, axis=0).reshape(batch, 1, 1, channels)
+        mean_bn, var_bn = (jnp.repeat(m, group, axis=0).reshape(batch, 1, 1, channels)
+                           for m in (mean_bn, var_bn))
+        if explicit is not None:
+          mean_bn, var_bn = (jax.sharding.reshard(m, jax.typeof(mean_in).sharding)
+                             for m in (mean_bn, var_bn))
       else:
         mean_bn, var_bn = ra_mean.value, ra_var.value
       mean = mean + mean_weight[2] * mean_bn
