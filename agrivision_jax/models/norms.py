@@ -200,8 +200,10 @@ class SwitchableNorm(_FoldedNorm):
 
   BN statistics groups: with ``group_size`` G = 0 the BN terms are over the whole (global) batch.
   With G > 0, in training, they are computed per group of G consecutive images (B must be a
-  multiple of G), as SN layers that are not synchronised across G-image DDP ranks; a group that
-  lies inside one device's shard needs no cross-device communication. The running statistics then
+  multiple of G), as SN layers that are not synchronised across G-image DDP ranks. Under a
+  batch-sharded ``jax.jit`` with Auto mesh axes (the train step's), a group that lies inside one
+  device's shard needs no cross-device communication; under Explicit axes the small per-image
+  statistics (B, C) are replicated before grouping. The running statistics then
   follow the FIRST group only: the authors' DDP run broadcasts rank 0's buffers to every rank at
   each forward (``broadcast_buffers=True``), so rank 0's running averages, updated with its own
   group's statistics, are the ones that persist and are saved.
