@@ -68,12 +68,14 @@ def _moments(x: Array, axes: tuple[int, ...], ddof: int = 0) -> tuple[Array, Arr
 def _batch_moments(x: Array, shift: Array) -> tuple[Array, Array]:
   """Mean and biased variance over (B, H, W) of x (B,H,W,C) by ONE reduction: (C,) each.
 
-  ``d = x - shift`` and ``d^2`` are stacked and averaged together, so under a batch-sharded
-  ``jax.jit`` the statistics cost one all-reduce; ``var = E[d^2] - E[d]^2``. The shift is a
-  detached per-channel value replicated on every device (the running mean): the float32 rounding
-  error of the variance is about 1e-7 * (1 + (mean - shift)^2 / var) relative, so it is negligible
-  once the running mean tracks the batch mean, and at the start of training (running mean 0) it
-  equals that of the plain one-pass formula. The gradient of ``var`` does not depend on the shift.
+  With ``d = x - shift``: ``var = E[d^2] - E[d]^2``, ``E[d] = E[x] - shift``. The per-image means
+  of x and d^2 are stacked and averaged over the batch together, so under a batch-sharded
+  ``jax.jit`` the statistics cost one all-reduce. The shift is a detached per-channel value
+  replicated on every device (the running mean): the float32 rounding error of the variance is
+  about 1e-7 * (1 + 2 |mean - shift| |mean| / var + (mean - shift)^2 / var) relative, so it is
+  negligible once the running mean tracks the batch mean, and at the start of training (running
+  mean 0) it equals that of the plain one-pass formula. The gradient of ``var`` does not depend on
+  the shift.
 
   Args:
     x: (B, H, W, C).
@@ -82,10 +84,15 @@ def _batch_moments(x: Array, shift: Array) -> tuple[Array, Array]:
     (mean, var), (C,) each, in ``_stats_dtype(x.dtype)``.
   """
   dtype = _stats_dtype(x.dtype)
-  d = x.astype(dtype) - jax.lax.stop_gradient(shift).astype(dtype)
-  moments = jnp.mean(jnp.stack([d, jnp.square(d)]), axis=(1, 2, 3))  # (2, C)
-  mean_d, mean_square = moments[0], moments[1]
-  return mean_d + jax.lax.stop_gradient(shift).astype(dtype), mean_square - jnp.square(mean_d)
+  x = x.astype(dtype)
+  shift = jax.lax.stop_gradient(shift).astype(dtype)
+  # Per-image means of x and (x - shift)^2 first: local to a device's shard, each one fused pass
+  # over x with nothing of the activation's size written; then the one cross-batch reduction,
+  # of the stacked (2, B, C) partials.
+  per_image = jnp.stack([jnp.mean(x, axis=(1, 2)), jnp.mean(jnp.square(x - shift), axis=(1, 2))])
+  moments = jnp.mean(per_image, axis=1)  # (2, C)
+  mean, mean_d = moments[0], moments[0] - shift
+  return mean, moments[1] - jnp.square(mean_d)
 
 
 def _fold(scale: Array, bias: Array, mean: Array, var: Array,
