@@ -3,7 +3,9 @@
 Public entry points: ``create_model``, ``init_variables``, ``backbone_layer_names``,
 ``capture_layer_outputs``. Parameter names follow the authors' PyTorch state_dict keys with
 '.' -> '/' and every numeric component joined to the previous one with '_' (``layer1.0`` ->
-``layer1_0``, ``downsample.1`` -> ``downsample_1``); see ``agrivision_jax.convert``.
+``layer1_0``, ``downsample.1`` -> ``downsample_1``); see ``agrivision_jax.convert``. Every
+convolution is built by one ``ModuleDef`` (``CONV_MODULES[resolve_conv_impl(conv_impl)]``), the
+models' single seam for backend-specific kernels; the parameters are the same under each.
 """
 import functools
 from typing import Any, Mapping
