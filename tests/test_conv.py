@@ -168,3 +168,26 @@ def test_tap_weight_gradient_equals_brute_force(strides, padding, dilation):
   np.testing.assert_allclose(dx, ref_vjp(dy)[0], rtol=1e-6, atol=1e-6)
   backward = jax.jit(lambda x, w: vjp(dy)).lower(x, w).as_text()
   assert backward.count('stablehlo.convolution') == 1  # d inputs only; d kernel is 9 dot_generals
+
+
+@pytest.mark.parametrize('conv_impl', ['xla', 'cpu_gemm'])
+@pytest.mark.parametrize('height, width, kernel, stride, dilation, pad', [
+    (9, 7, 1, 2, 1, 0), (5, 7, 3, 1, 6, 6), (13, 8, 3, 1, 5, 5), (8, 9, 7, 2, 1, 3)])
+def test_conv_modules_equal_lax(conv_impl, height, width, kernel, stride, dilation, pad):
+  """Each ``CONV_MODULES`` entry builds an nn.Conv (same 'kernel' param) computing
+  lax.conv_general_dilated; 'xla' lowers to exactly one plain convolution (no rewrites)."""
+  rng = np.random.default_rng(height + 10 * kernel)
+  x = rng.standard_normal((2, height, width, 5)).astype(np.float32)
+  layer = conv.CONV_MODULES[conv_impl](
+      6, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
+      kernel_dilation=(dilation, dilation), use_bias=False)
+  params = layer.init(jax.random.key(0), x)['params']
+  assert list(params) == ['kernel'] and params['kernel'].shape == (kernel, kernel, 5, 6)
+  expected = lax.conv_general_dilated(
+      x, params['kernel'], (stride, stride), ((pad, pad), (pad, pad)),
+      rhs_dilation=(dilation, dilation), dimension_numbers=DIMENSION_NUMBERS)
+  np.testing.assert_allclose(layer.apply({'params': params}, x), expected,
+                             atol=1e-6 * np.abs(expected).max())
+  if conv_impl == 'xla':
+    lowered = jax.jit(lambda p, x: layer.apply({'params': p}, x)).lower(params, x).as_text()
+    assert lowered.count('stablehlo.convolution') == 1 and 'dot_general' not in lowered

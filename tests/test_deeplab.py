@@ -1,4 +1,5 @@
-"""DeepLabV3+ vs the PyTorch reference; resize, capture, init, config validation, param counts."""
+"""DeepLabV3+ vs the PyTorch reference under both conv implementations; resize, capture, init,
+create_model's field mapping, param counts."""
 import math
 
 import jax
@@ -14,9 +15,15 @@ from agrivision_jax.convert import state_dict_to_variables
 from agrivision_jax.models.resize import interpolation_matrix, resize_bilinear_align_corners
 
 IBN_MODES = ('none', 'a', 'b', 's', 'ab')
-TINY = dict(arch='resnet50', ibn_mode='s', output_stride=16, multi_grid=(1, 2, 4), in_channels=4,
-            num_classes=7, num_low_level_features=3, dtype='float32', width=8, aspp_channels=16,
-            decoder_channels=16, low_level_channels=8)
+CONV_IMPLS = ('xla', 'cpu_gemm')
+TINY = dict(arch='resnet50', ibn_mode='s', output_stride=16, multi_grid=(1, 2, 4),
+            num_low_level_features=3, dtype='float32', width=8, aspp_channels=16,
+            decoder_channels=16, low_level_channels=8, conv_impl='auto', sn_group_size=0)
+IN_CHANNELS, NUM_CLASSES = 4, 7
+
+
+def _model(config: dict, in_channels: int = IN_CHANNELS) -> models.DeepLabV3Plus:
+  return models.create_model(config, in_channels=in_channels, num_classes=NUM_CLASSES)
 
 
 def _images(seed: int, shape) -> np.ndarray:
@@ -26,7 +33,7 @@ def _images(seed: int, shape) -> np.ndarray:
 def _torch_deeplab(config: dict, **dropouts) -> ref.DeepLab:
   return ref.randomize_(ref.DeepLab(
       config['arch'], config['ibn_mode'], config['output_stride'], config['multi_grid'],
-      config['in_channels'], config['num_classes'], config['num_low_level_features'],
+      IN_CHANNELS, NUM_CLASSES, config['num_low_level_features'],
       config['width'], config['aspp_channels'], config['decoder_channels'],
       config['low_level_channels'], **dropouts), seed=3)
 
@@ -47,19 +54,20 @@ def test_interpolation_matrix_rows():
   np.testing.assert_array_equal(matrix[[0, -1]], np.eye(4)[[0, -1]])  # corners align
 
 
+@pytest.mark.parametrize('conv_impl', CONV_IMPLS)
 @pytest.mark.parametrize('num_low_level_features,ibn_mode,output_stride',
                          [(1, 'a', 16), (3, 's', 8)])
-def test_deeplab_logits_parity(num_low_level_features, ibn_mode, output_stride):
+def test_deeplab_logits_parity(num_low_level_features, ibn_mode, output_stride, conv_impl):
   config = dict(TINY, num_low_level_features=num_low_level_features, ibn_mode=ibn_mode,
-                output_stride=output_stride)
+                output_stride=output_stride, conv_impl=conv_impl)
   x = _images(4, (2, 72, 88, 4))
   # float32 eval mode with the default dropout rates (inactive in eval) ...
-  logits = ref.check_parity(_torch_deeplab(config), models.create_model(config), x, x,
+  logits = ref.check_parity(_torch_deeplab(config), _model(config), x, x,
                             lambda y: [y], modes=('eval',))
   assert logits.shape == (2, 72, 88, 7) and logits.dtype == jnp.float32
   # ... and train mode (logits, every running statistic) exactly in float64, dropout off in both.
   torch_model = _torch_deeplab(config, aspp_dropout=0.0, decoder_dropouts=(0.0, 0.0))
-  flax_model = models.create_model(config).clone(aspp_dropout=0.0, decoder_dropouts=(0.0, 0.0))
+  flax_model = _model(config).clone(aspp_dropout=0.0, decoder_dropouts=(0.0, 0.0))
   ref.check_parity(torch_model, flax_model, x, x, lambda y: [y], float64=True, modes=('train',))
 
 
@@ -71,7 +79,7 @@ def test_capture_layer_outputs_match_reference_hooks():
   for stage in range(1, 5):
     for block in getattr(torch_model.backbone, f'layer{stage}'):
       block.register_forward_hook(lambda m, i, o: captured.append(o))
-  model = models.create_model(config)
+  model = _model(config)
   x = _images(7, (2, 72, 88, 4))
   variables = ref.flax_variables(torch_model, model, x, train=False)
   outputs = models.capture_layer_outputs(model, variables, jnp.asarray(x))
@@ -95,7 +103,7 @@ def test_backbone_layer_names():
 
 
 def test_init_variables():
-  model = models.create_model(TINY)
+  model = _model(TINY)
   variables = models.init_variables(model, jax.random.key(0), (2, 72, 88, 4))
   template = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 72, 88, 4))))
   assert (jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(template))
@@ -125,7 +133,7 @@ def test_init_variables():
 
 
 def test_bfloat16_compute_returns_float32_logits():
-  model = models.create_model(dict(TINY, dtype='bfloat16'))
+  model = _model(dict(TINY, dtype='bfloat16'))
   x = jnp.zeros((2, 40, 56, 4), jnp.float32)
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(variables))
@@ -135,30 +143,84 @@ def test_bfloat16_compute_returns_float32_logits():
   assert features['layer4_2'].dtype == jnp.bfloat16
 
 
-@pytest.mark.parametrize('field,value,allowed', [
-    ('arch', 'resnet18', 'resnet50'), ('ibn_mode', 'c', "'ab'"), ('output_stride', 12, '16'),
-    ('num_low_level_features', 2, '(1, 3)'), ('in_channels', 5, '(3, 4)'),
-    ('dtype', 'float16', 'bfloat16'), ('multi_grid', (1, 2), '(1, 2, 4)'),
-    ('num_classes', 0, 'positive'), ('width', 8.0, 'positive')])
-def test_bad_config_raises_value_error_naming_field(field, value, allowed):
-  with pytest.raises(ValueError, match=f'config.model.{field}') as info:
-    models.create_model(dict(TINY, **{field: value}))
-  assert allowed in str(info.value)
+def test_create_model_maps_the_config_fields():
+  model = _model(dict(TINY, output_stride=8, multi_grid=[1, 2, 4], sn_group_size=2,
+                      conv_impl='xla'), in_channels=3)
+  assert (model.arch, model.ibn_mode, model.output_stride, model.multi_grid) == (
+      'resnet50', 's', 8, (1, 2, 4))
+  assert (model.in_channels, model.num_classes, model.num_low_level_features) == (3, 7, 3)
+  assert (model.width, model.aspp_channels, model.decoder_channels,
+          model.low_level_channels) == (8, 16, 16, 8)
+  assert model.sn_group_size == 2 and model.dtype == jnp.float32
+  assert model.conv is models.CONV_MODULES['xla']
+  # 'auto' resolves by the backend: the tests run on CPU.
+  assert _model(TINY).conv is models.CONV_MODULES['cpu_gemm']
+  assert _model(TINY) == _model(TINY)  # equal modules share jit caches
+  # Optional fields take the paper's defaults.
+  required = {k: v for k, v in TINY.items() if k in (
+      'arch', 'ibn_mode', 'output_stride', 'multi_grid', 'num_low_level_features', 'dtype')}
+  model = _model(required)
+  assert (model.width, model.aspp_channels, model.decoder_channels, model.low_level_channels,
+          model.sn_group_size) == (64, 256, 256, 48, 0)
+  assert model.conv is models.CONV_MODULES['cpu_gemm']
+  with pytest.raises(ValueError, match='config.model.conv_impl'):
+    _model(dict(TINY, conv_impl='cudnn'))
 
 
-def test_missing_config_field_and_bad_images():
-  config = dict(TINY)
-  del config['ibn_mode']
-  with pytest.raises(ValueError, match='config.model.ibn_mode'):
-    models.create_model(config)
-  model = models.create_model(TINY)
-  with pytest.raises(ValueError, match='in_channels'):
+def test_bad_images_raise_value_error():
+  model = _model(TINY)
+  with pytest.raises(ValueError, match='in_channels=4'):
     jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
+
+
+def test_conv_impls_build_the_same_model():
+  """'xla' and 'cpu_gemm': the same variables (names, shapes), train-mode logits, batch statistics
+  and parameter gradients. Compared in float64 (to 1e-9): in float32 the gradients of a
+  train-mode net at init carry float32 noise amplified through ~60 norms (up to a few % of a
+  leaf's scale), which would hide a real difference; the float32 forward of each implementation
+  is checked against PyTorch in test_deeplab_logits_parity."""
+  x = _images(8, (2, 40, 56, 4)).astype(np.float64)
+  labels = _images(9, (2, 40, 56, NUM_CLASSES)).astype(np.float64)
+  built = {impl: _model(dict(TINY, conv_impl=impl)) for impl in CONV_IMPLS}
+  shapes = {impl: jax.eval_shape(lambda m=m: m.init(jax.random.key(0), x))
+            for impl, m in built.items()}
+  assert (jax.tree_util.tree_structure(shapes['xla'])
+          == jax.tree_util.tree_structure(shapes['cpu_gemm']))
+  assert all(jax.tree.leaves(jax.tree.map(lambda a, b: a.shape == b.shape,
+                                          shapes['xla'], shapes['cpu_gemm'])))
+  variables = models.init_variables(built['xla'], jax.random.key(1), x.shape)
+
+  def loss(params, model):
+    logits, updates = model.apply({**variables, 'params': params}, x, train=True,
+                                  mutable=['batch_stats'])
+    return jnp.mean(jnp.square(logits - labels)), (logits, updates['batch_stats'])
+
+  with jax.enable_x64(True):
+    variables = jax.tree.map(lambda a: np.asarray(a, np.float64), variables)
+    results = {impl: jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(
+        variables['params'], model.clone(dtype=jnp.float64, aspp_dropout=0.0,
+                                         decoder_dropouts=(0.0, 0.0)))
+               for impl, model in built.items()}
+  (_, (logits_x, stats_x)), grads_x = results['xla']
+  (_, (logits_c, stats_c)), grads_c = results['cpu_gemm']
+  assert logits_x.dtype == jnp.float64
+  ref.assert_close(logits_c, logits_x, rel=1e-9, what='logits')
+  for tree_x, tree_c in ((stats_x, stats_c), (grads_x, grads_c)):
+    leaves = jax.tree_util.tree_leaves_with_path(tree_x)
+    assert len(leaves) == len(jax.tree.leaves(tree_c)) > 0
+    for path, value in leaves:
+      ref.assert_close(_leaf(tree_c, path), value, rel=1e-9, what=jax.tree_util.keystr(path))
+
+
+def _leaf(tree, path):
+  for key in path:
+    tree = tree[key.key]
+  return tree
 
 
 def test_converter_is_strict_and_lists_every_problem():
   torch_model = _torch_deeplab(dict(TINY, num_low_level_features=1))
-  model = models.create_model(dict(TINY, num_low_level_features=1))
+  model = _model(dict(TINY, num_low_level_features=1))
   template = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 4))))
   state = ref.numpy_state_dict(torch_model)
   state_dict_to_variables(state, template)  # complete: no error
@@ -176,9 +238,8 @@ def test_converter_is_strict_and_lists_every_problem():
 
 
 def _flax_param_count(arch: str, ibn_mode: str) -> int:
-  model = models.create_model(dict(TINY, arch=arch, ibn_mode=ibn_mode, width=64,
-                                   aspp_channels=256, decoder_channels=256,
-                                   low_level_channels=48))
+  model = _model(dict(TINY, arch=arch, ibn_mode=ibn_mode, width=64, aspp_channels=256,
+                      decoder_channels=256, low_level_channels=48))
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 4))))
   return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(shapes['params']))
 

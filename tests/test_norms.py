@@ -1,8 +1,12 @@
-"""Norm layers vs PyTorch references: outputs and running statistics, train and eval."""
+"""Norm layers vs PyTorch references: outputs and running statistics, train and eval; SN
+statistics groups; the one-reduction batch statistics' accuracy."""
+import copy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 import torch.nn as nn
 
 from agrivision_jax.models import norms
@@ -141,3 +145,77 @@ def test_torch_reference_sn_matches_formula():
   var = w_var[0] * var_in + w_var[1] * var_ln + w_var[2] * var_bn
   expected = (xd - mean) / np.sqrt(var + 1e-5) * sd['weight'].reshape(-1) + sd['bias'].reshape(-1)
   ref.assert_close(y, expected)
+
+
+@pytest.mark.parametrize('using_moving_average', [True, False])
+def test_switchable_norm_statistics_groups_equal_one_reference_per_group(using_moving_average):
+  """group_size=2 on 6 images = three reference SwitchNorm2d copies, one per group of 2 (the
+  authors' unsynchronised DDP ranks); the running statistics follow the first group (rank 0's
+  buffers, which DDP broadcasts to every rank at each forward)."""
+  group, shape = 2, (6, 5, 7, 6)
+  torch_sn = ref.randomize_(ref.SwitchNorm2d(6, using_moving_average=using_moving_average),
+                            seed=21)
+  ranks = [copy.deepcopy(torch_sn).train() for _ in range(shape[0] // group)]
+  flax_sn = norms.SwitchableNorm(group_size=group, using_moving_average=using_moving_average)
+  x1, x2, x3 = _images(22, shape), _images(23, shape, offset=-0.4), _images(24, shape, scale=0.6)
+  variables = ref.flax_variables(torch_sn, flax_sn, x1, train=False)
+  global_sn = norms.SwitchableNorm(using_moving_average=using_moving_average)
+  y_global, _ = global_sn.apply(variables, x1, train=True, mutable=['batch_stats'])
+  for x in (x1, x2):
+    y, variables = _train_step(flax_sn, variables, x)
+    with torch.no_grad():
+      for rank in ranks[1:]:  # broadcast_buffers: rank 0's running statistics win
+        rank.running_mean.copy_(ranks[0].running_mean)
+        rank.running_var.copy_(ranks[0].running_var)
+    expected = np.concatenate([ref.to_nhwc(rank(ref.to_nchw(x[i * group:(i + 1) * group])))
+                               for i, rank in enumerate(ranks)])
+    ref.assert_close(y, expected, what='train output')
+    if x is x1:  # the groups' statistics differ from the whole batch's
+      assert np.abs(np.asarray(y_global) - expected).max() > 1e-2 * np.abs(expected).max()
+  _compare_stats(variables, ranks[0])
+  ranks[0].eval()
+  ref.assert_close(flax_sn.apply(variables, x3, train=False),
+                   ref.to_nhwc(ranks[0](ref.to_nchw(x3))), what='eval output')
+
+
+def test_switchable_norm_groups_must_divide_the_batch():
+  flax_sn = norms.SwitchableNorm(group_size=4)
+  x = _images(25, (6, 3, 4, 2))
+  variables = flax_sn.init(jax.random.key(0), x, train=False)
+  with pytest.raises(ValueError, match='config.model.sn_group_size'):
+    flax_sn.apply(variables, x, train=True, mutable=['batch_stats'])
+
+
+@pytest.mark.parametrize('layer', [norms.BatchNorm, norms.SwitchableNorm])
+def test_batch_statistics_accurate_far_from_zero(layer):
+  """float32 inputs with mean 1000 and spread ~1, running mean near the batch mean (the shift):
+  the one-reduction variance equals a float64 evaluation of the definition. Unshifted, the
+  float32 E[x^2] - E[x]^2 would be off by about 1e-7 * 1000^2 = 0.1 of the variance."""
+  channels = 5
+  x = _images(26, (4, 6, 7, channels), offset=1000.0, scale=1.0)
+  module = layer()
+  variables = module.init(jax.random.key(0), x, train=False)
+  stats = dict(variables['batch_stats'])
+  stats['mean'] = jnp.asarray(x.mean((0, 1, 2)) + np.linspace(-0.5, 0.5, channels), jnp.float32)
+  variables = {**variables, 'batch_stats': stats}
+  y, updates = module.apply(variables, x, train=True, mutable=['batch_stats'])
+  xd = x.astype(np.float64)
+  if layer is norms.BatchNorm:
+    count = x.size // channels
+    mean, var = xd.mean((0, 1, 2)), xd.var((0, 1, 2))
+    expected = (xd - mean) / np.sqrt(var + 1e-5)
+    expected_var = 0.9 * 1.0 + 0.1 * var * count / (count - 1)
+  else:  # mean_weight = var_weight = ones: each term weighs 1/3
+    mean_in, var_in = xd.mean((1, 2), keepdims=True), xd.var((1, 2), keepdims=True, ddof=1)
+    mean_ln = mean_in.mean(3, keepdims=True)
+    var_ln = (var_in + mean_in ** 2).mean(3, keepdims=True) - mean_ln ** 2
+    mean_bn = mean_in.mean(0, keepdims=True)
+    var_bn = var_in.mean(0, keepdims=True) + mean_in.var(0, keepdims=True)
+    expected = (xd - (mean_in + mean_ln + mean_bn) / 3) / np.sqrt(
+        (var_in + var_ln + var_bn) / 3 + 1e-5)
+    expected_var = 0.1 * var_bn.reshape(-1)
+  # The output x * a + b itself rounds x ~ 1000 in float32 (~6e-5): 1e-4 of its scale.
+  ref.assert_close(y, expected, rel=1e-4, what='train output')
+  # SN's variance also holds the spread of the instance means, each ~1000 summed in float32.
+  rel = 1e-5 if layer is norms.BatchNorm else 1e-4
+  ref.assert_close(updates['batch_stats']['var'], expected_var, rel=rel, what='running var')

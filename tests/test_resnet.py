@@ -1,4 +1,5 @@
-"""Bottleneck and (tiny-width) ResNet-50 vs the PyTorch references, for every ibn_mode."""
+"""Bottleneck and (tiny-width) ResNet-50 vs the PyTorch references, for every ibn_mode, under both
+conv implementations ('cpu_gemm' for every case, 'xla' for a covering subset)."""
 import jax
 import numpy as np
 import pytest
@@ -6,6 +7,7 @@ import torch.nn as nn
 
 import torch_reference as ref
 from agrivision_jax.models import resnet
+from agrivision_jax.models.conv import CONV_MODULES
 
 IBN_MODES = ('none', 'a', 'b', 's', 'ab')
 
@@ -14,9 +16,10 @@ def _images(seed: int, shape) -> np.ndarray:
   return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
+@pytest.mark.parametrize('conv_impl', tuple(CONV_MODULES))
 @pytest.mark.parametrize('mode', IBN_MODES)
 @pytest.mark.parametrize('stride,dilation,downsample', [(2, 1, True), (1, 2, False)])
-def test_bottleneck_parity(mode, stride, dilation, downsample):
+def test_bottleneck_parity(mode, stride, dilation, downsample, conv_impl):
   planes = 8
   inplanes = 12 if downsample else planes * 4
   torch_down = None
@@ -26,22 +29,27 @@ def test_bottleneck_parity(mode, stride, dilation, downsample):
   torch_block = ref.randomize_(ref.Bottleneck(inplanes, planes, stride, dilation, torch_down,
                                               mode), seed=1)
   flax_block = resnet.Bottleneck(planes=planes, stride=stride, dilation=dilation,
-                                 downsample=downsample, ibn_mode=mode)
+                                 downsample=downsample, ibn_mode=mode,
+                                 conv=CONV_MODULES[conv_impl])
   ref.check_parity(torch_block, flax_block, _images(2, (2, 13, 10, inplanes)),
                    _images(3, (2, 13, 10, inplanes)), lambda y: [y])
 
 
-@pytest.mark.parametrize('mode,output_stride,multi_grid,in_channels', [
-    *[(mode, 16, (1, 2, 4), 4) for mode in IBN_MODES],
-    *[(mode, 8, (1, 2, 4), 4) for mode in IBN_MODES],
-    ('none', 32, (1, 2, 4), 3),
-    ('a', 16, (), 4),
+@pytest.mark.parametrize('mode,output_stride,multi_grid,in_channels,conv_impl', [
+    *[(mode, 16, (1, 2, 4), 4, 'cpu_gemm') for mode in IBN_MODES],
+    *[(mode, 8, (1, 2, 4), 4, 'cpu_gemm') for mode in IBN_MODES],
+    ('none', 32, (1, 2, 4), 3, 'cpu_gemm'),
+    ('a', 16, (), 4, 'cpu_gemm'),
+    ('s', 16, (1, 2, 4), 4, 'xla'),
+    ('ab', 8, (1, 2, 4), 4, 'xla'),
+    ('b', 32, (1, 2, 4), 3, 'xla'),
 ])
-def test_resnet50_parity(mode, output_stride, multi_grid, in_channels):
+def test_resnet50_parity(mode, output_stride, multi_grid, in_channels, conv_impl):
   torch_net = ref.randomize_(ref.ResNet(ref.ARCH_LAYERS['resnet50'], mode, output_stride,
                                         multi_grid, in_channels, width=8), seed=4)
   flax_net = resnet.ResNet(layers=resnet.ARCH_LAYERS['resnet50'], ibn_mode=mode,
-                           output_stride=output_stride, multi_grid=multi_grid, width=8)
+                           output_stride=output_stride, multi_grid=multi_grid, width=8,
+                           conv=CONV_MODULES[conv_impl])
 
   def outputs(y):
     top, low = y

@@ -3,7 +3,9 @@
 Public entry points: ``create_model``, ``init_variables``, ``backbone_layer_names``,
 ``capture_layer_outputs``. Parameter names follow the authors' PyTorch state_dict keys with
 '.' -> '/' and every numeric component joined to the previous one with '_' (``layer1.0`` ->
-``layer1_0``, ``downsample.1`` -> ``downsample_1``); see ``agrivision_jax.convert``.
+``layer1_0``, ``downsample.1`` -> ``downsample_1``); see ``agrivision_jax.convert``. Every
+convolution is built by one ``ModuleDef`` (``CONV_MODULES[resolve_conv_impl(conv_impl)]``), the
+models' single seam for backend-specific kernels; the parameters are the same under each.
 """
 import functools
 from typing import Any, Mapping
@@ -12,13 +14,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from agrivision_jax.models.conv import CONV_MODULES
 from agrivision_jax.models.deeplab import DeepLabV3Plus
 from agrivision_jax.models.norms import IBN, BatchNorm, InstanceNorm, SwitchableNorm
 from agrivision_jax.models.resize import resize_bilinear_align_corners
-from agrivision_jax.models.resnet import ARCH_LAYERS, IBN_MODES, ResNet, layer_names
+from agrivision_jax.models.resnet import ARCH_LAYERS, ResNet, layer_names
 
 __all__ = [
-    'BatchNorm', 'DeepLabV3Plus', 'IBN', 'InstanceNorm', 'ResNet', 'SwitchableNorm',
+    'BatchNorm', 'CONV_MODULES', 'DeepLabV3Plus', 'IBN', 'InstanceNorm', 'ResNet', 'SwitchableNorm',
     'backbone_layer_names', 'capture_layer_outputs', 'create_model', 'init_variables',
     'resize_bilinear_align_corners', 'resolve_conv_impl',
 ]
@@ -29,36 +32,7 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # Parameters do not depend on the spatial size, so init runs on one small image.
 INIT_SIZE = 64
 
-_CHOICES = {
-    'arch': tuple(ARCH_LAYERS),
-    'ibn_mode': IBN_MODES,
-    'output_stride': (8, 16, 32),
-    'in_channels': (3, 4),
-    'num_low_level_features': (1, 3),
-    'dtype': tuple(DTYPES),
-}
-_POSITIVE_INTS = {  # field -> default when absent
-    'num_classes': None,
-    'width': 64,
-    'aspp_channels': 256,
-    'decoder_channels': 256,
-    'low_level_channels': 48,
-}
-
-
-def _field(model_config: Mapping[str, Any], name: str, default: Any = None) -> Any:
-  if name in model_config:
-    return model_config[name]
-  if default is None:
-    raise ValueError(f'config.model.{name} is missing')
-  return default
-
-
-def _is_int(value: Any) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
-
-
-CONV_IMPLS = ('auto', 'xla', 'cpu_gemm')
+CONV_IMPLS = ('auto', *CONV_MODULES)
 
 
 def resolve_conv_impl(conv_impl: str, backend: str | None = None) -> str:
@@ -75,38 +49,34 @@ def resolve_conv_impl(conv_impl: str, backend: str | None = None) -> str:
   return 'cpu_gemm' if (backend or jax.default_backend()) == 'cpu' else 'xla'
 
 
-def create_model(model_config: Mapping[str, Any]) -> nn.Module:
-  """Validates ``config.model`` and builds the DeepLabV3+ module.
+def create_model(model_config: Mapping[str, Any], *, in_channels: int,
+                 num_classes: int) -> DeepLabV3Plus:
+  """Builds the DeepLabV3+ module of ``config.model`` (validated by ``configuration.validate``).
+
+  ``conv_impl`` is resolved here, once (``resolve_conv_impl``, 'auto' by the default backend),
+  and its ``ModuleDef`` (``conv.CONV_MODULES``) builds every convolution of the model.
 
   Args:
     model_config: ``config.model`` (ConfigDict or mapping) with arch, ibn_mode, output_stride,
-      multi_grid, in_channels, num_classes, num_low_level_features, dtype and optionally width
-      (64), aspp_channels (256), decoder_channels (256), low_level_channels (48).
+      multi_grid, num_low_level_features, dtype and optionally width (64), aspp_channels (256),
+      decoder_channels (256), low_level_channels (48), conv_impl ('auto'), sn_group_size (0).
+    in_channels: image channels (``configuration.in_channels(config)``): 4 for R,G,B,NIR.
+    num_classes: logit channels (``configuration.num_classes(config)``).
   Returns:
     A ``DeepLabV3Plus``; ``apply(variables, images (B,H,W,in_channels), train=...)`` returns
     float32 logits (B,H,W,num_classes).
-  Raises:
-    ValueError naming the field and its allowed values for a missing or bad field.
   """
-  values = {}
-  for name, allowed in _CHOICES.items():
-    value = _field(model_config, name)
-    if value not in allowed or isinstance(value, bool):
-      raise ValueError(f'config.model.{name} must be one of {allowed}, got {value!r}')
-    values[name] = value
-  for name, default in _POSITIVE_INTS.items():
-    value = _field(model_config, name, default)
-    if not _is_int(value) or value < 1:
-      raise ValueError(f'config.model.{name} must be a positive int, got {value!r}')
-    values[name] = value
-  multi_grid = _field(model_config, 'multi_grid')
-  if (not isinstance(multi_grid, (tuple, list)) or len(multi_grid) not in (0, 3)
-      or not all(_is_int(g) and g >= 1 for g in multi_grid)):
-    raise ValueError(f'config.model.multi_grid must be () or 3 positive ints such as (1, 2, 4), '
-                     f'got {multi_grid!r}')
-  values['multi_grid'] = tuple(multi_grid)
-  values['dtype'] = DTYPES[values['dtype']]
-  return DeepLabV3Plus(**values)
+  optional = {name: model_config.get(name, getattr(DeepLabV3Plus, name))
+              for name in ('width', 'aspp_channels', 'decoder_channels', 'low_level_channels',
+                           'sn_group_size')}
+  conv_impl = resolve_conv_impl(model_config.get('conv_impl', 'auto'))
+  return DeepLabV3Plus(arch=model_config['arch'], ibn_mode=model_config['ibn_mode'],
+                       output_stride=model_config['output_stride'],
+                       multi_grid=tuple(model_config['multi_grid']), in_channels=in_channels,
+                       num_classes=num_classes,
+                       num_low_level_features=model_config['num_low_level_features'],
+                       dtype=DTYPES[model_config['dtype']], conv=CONV_MODULES[conv_impl],
+                       **optional)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -167,7 +137,7 @@ def capture_layer_outputs(model: nn.Module, variables: Mapping[str, Any],
     ``backbone_layer_names(model.arch)``; the stem output is taken before the max pool.
   """
   if images.ndim != 4 or images.shape[-1] != model.in_channels:
-    raise ValueError(f'images must be (B, H, W, in_channels={model.in_channels}) '
-                     f'(config.model.in_channels), got shape {images.shape}')
+    raise ValueError(f'images must be (B, H, W, in_channels={model.in_channels}), '
+                     f'got shape {images.shape}')
   outputs = _capture(model, variables, images)  # jit returns dicts with sorted keys
   return {name: outputs[name] for name in backbone_layer_names(model.arch)}

@@ -1,7 +1,16 @@
-"""The convolution of the models' ``nn.Conv`` layers (``conv_general_dilated=...``).
+"""The convolution kernels behind the models' one conv seam (``config.model.conv_impl``).
 
-Exactly ``lax.conv_general_dilated`` on NHWC inputs and HWIO kernels, rewritten where XLA:CPU is
-slow and the result is the same:
+Every convolution of the model (backbone, ASPP, decoder, classifier) is built by one
+``ModuleDef`` from ``CONV_MODULES``, chosen once by ``models.create_model``:
+
+* ``'xla'``: plain ``flax.linen.Conv``, i.e. ``lax.conv_general_dilated`` with the layer's explicit
+  symmetric padding; no rewrites and no custom VJPs (for GPU and TPU).
+* ``'cpu_gemm'``: ``nn.Conv`` with ``conv_general_dilated`` below, for XLA:CPU.
+
+Both create the same parameters (``kernel`` (kh,kw,Cin,Cout) and, where used, ``bias``).
+
+``conv_general_dilated`` is exactly ``lax.conv_general_dilated`` on NHWC inputs and HWIO kernels,
+rewritten where XLA:CPU is slow and the result is the same:
 
 * kernel taps that read only padding for every output position (a dilated 3x3 whose dilation
   reaches past the feature map, e.g. ASPP rate 18 on a 16x16 map) are dropped, with the padding
@@ -16,12 +25,13 @@ slow and the result is the same:
 
 The matmuls over channels (``matmul_channels``) have their own VJP: autodiff's weight gradient
 of ``dot_general`` contracts (dy^T x) and transposes the small result, which XLA:CPU lays out as a
-copy of the large dy; transposing x first and computing x^T dy is 1.3-2.5x faster at the
-ResNet shapes (docs/benchmarks.md).
+copy of the large dy; transposing x first and computing x^T dy avoids that copy. The measured
+effect of each rewrite is in docs/benchmarks.md.
 """
 import functools
 from typing import Any, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -121,7 +131,7 @@ def conv_tap_weight_gradient(inputs: jax.Array, kernel: jax.Array, strides: tupl
 
   d inputs is autodiff's (a convolution of dy with the flipped kernel); d kernel[i, j] is the
   (strided) input window read by tap (i, j), flattened over batch and pixels and transposed,
-  times dy: (Cin, B*Ho*Wo) @ (B*Ho*Wo, Cout). 10-40 % faster than XLA:CPU's weight-gradient
+  times dy: (Cin, B*Ho*Wo) @ (B*Ho*Wo, Cout), which XLA:CPU runs faster than its weight-gradient
   convolution at the ResNet, stem and decoder shapes (docs/benchmarks.md).
   """
   return _lax_conv(inputs, kernel, strides, padding, dilation, precision)
@@ -223,3 +233,11 @@ def conv_general_dilated(inputs: jax.Array, kernel: jax.Array, window_strides: S
     return _conv_by_tap_regions(inputs, kernel, padding, dilation, precision)
   return conv_tap_weight_gradient(inputs, kernel, tuple(window_strides), tuple(padding),
                                   dilation, precision)
+
+
+# conv_impl -> the ModuleDef that builds every convolution (module-level objects, so that two
+# models built from the same config compare equal and share jit caches).
+CONV_MODULES = {
+    'xla': nn.Conv,
+    'cpu_gemm': functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated),
+}

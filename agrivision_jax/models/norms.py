@@ -1,14 +1,21 @@
 """Normalisation layers of the IBN-Net / IBN-s backbones, NHWC.
 
 Every layer computes its statistics in float32 (also when the compute dtype is bfloat16; in
-float64 when the input is float64, which the parity tests use), folds
-them into per-channel coefficients ``a, b`` and returns ``x * a + b`` cast to its ``dtype``, so a
-norm is one fused elementwise pass over the activation. The coefficients are exposed through
-``coefficients`` so that :class:`IBN` can join the IN and BN halves without slicing and
-concatenating the activation itself.
+float64 when the input is float64, which the parity tests use), folds them into per-channel
+coefficients ``a, b`` and returns ``x * a + b`` cast to its ``dtype``, so a norm is one fused
+elementwise pass over the activation. The coefficients are exposed through ``coefficients`` so
+that :class:`IBN` can join the IN and BN halves without slicing and concatenating the activation
+itself.
 
 There is no ``axis_name``: under ``jax.jit`` with the batch sharded over a mesh, batch statistics
-are reduced over the global batch (SyncBN semantics), with XLA inserting the collectives.
+are reduced over the global batch (SyncBN semantics), with XLA inserting the collectives. Each
+layer's cross-batch statistics are ONE reduction of a stacked [mean, mean of squares] array, so a
+norm layer costs one all-reduce in the forward pass (as PyTorch's SyncBatchNorm, which gathers
+mean and inverse std together), not two as a centred two-pass variance would. To keep the
+one-pass variance accurate in float32, the values are first shifted by a detached per-channel
+estimate of their mean that every device already holds: the layer's running mean (see
+``_batch_moments``). Per-image statistics (InstanceNorm, SN's IN and LN terms) need no
+communication and use the two-pass (centred) variance.
 
 Numerics follow PyTorch: eps 1e-5, running averages ``r = 0.9 r + 0.1 batch`` (torch momentum 0.1),
 BatchNorm's running variance uses the unbiased batch variance (torch does; flax's ``nn.BatchNorm``
@@ -34,10 +41,11 @@ def _stats_dtype(dtype: Dtype) -> Dtype:
 
 
 def _moments(x: Array, axes: tuple[int, ...], ddof: int = 0) -> tuple[Array, Array]:
-  """Mean and variance of ``x`` over ``axes`` in at least float32 (kept dims).
+  """Mean and two-pass (centred) variance of ``x`` over ``axes`` in at least float32 (kept dims).
 
-  Two-pass (centred) variance: the one-pass E[x^2] - E[x]^2 loses ~1e-4 relative accuracy
-  through a deep train-mode IBN network (instance means are large against their spread).
+  For per-image statistics (reduced axes local to a device): the one-pass E[x^2] - E[x]^2 loses
+  ~1e-4 relative accuracy through a deep train-mode IBN network (instance means are large
+  against their spread).
 
   Args:
     x: any-shape array.
@@ -55,6 +63,36 @@ def _moments(x: Array, axes: tuple[int, ...], ddof: int = 0) -> tuple[Array, Arr
       count *= x.shape[axis]
     var = var * (count / (count - ddof))
   return mean, var
+
+
+def _batch_moments(x: Array, shift: Array) -> tuple[Array, Array]:
+  """Mean and biased variance over (B, H, W) of x (B,H,W,C) by ONE reduction: (C,) each.
+
+  With ``d = x - shift``: ``var = E[d^2] - E[d]^2``, ``E[d] = E[x] - shift``. The per-image means
+  of x and d^2 are stacked and averaged over the batch together, so under a batch-sharded
+  ``jax.jit`` the statistics cost one all-reduce. The shift is a detached per-channel value
+  replicated on every device (the running mean): the float32 rounding error of the variance is
+  about 1e-7 * (1 + 2 |mean - shift| |mean| / var + (mean - shift)^2 / var) relative, so it is
+  negligible once the running mean tracks the batch mean, and at the start of training (running
+  mean 0) it equals that of the plain one-pass formula. The gradient of ``var`` does not depend on
+  the shift.
+
+  Args:
+    x: (B, H, W, C).
+    shift: (C,), any value; treated as a constant.
+  Returns:
+    (mean, var), (C,) each, in ``_stats_dtype(x.dtype)``.
+  """
+  dtype = _stats_dtype(x.dtype)
+  x = x.astype(dtype)
+  shift = jax.lax.stop_gradient(shift).astype(dtype)
+  # Per-image means of x and (x - shift)^2 first: local to a device's shard, each one fused pass
+  # over x with nothing of the activation's size written; then the one cross-batch reduction,
+  # of the stacked (2, B, C) partials.
+  per_image = jnp.stack([jnp.mean(x, axis=(1, 2)), jnp.mean(jnp.square(x - shift), axis=(1, 2))])
+  moments = jnp.mean(per_image, axis=1)  # (2, C)
+  mean, mean_d = moments[0], moments[0] - shift
+  return mean, moments[1] - jnp.square(mean_d)
 
 
 def _fold(scale: Array, bias: Array, mean: Array, var: Array,
@@ -81,7 +119,30 @@ def _check_nhwc(x: Array, layer: str) -> None:
     raise ValueError(f'{layer} expects NHWC input (4 dims), got shape {x.shape}')
 
 
-class BatchNorm(nn.Module):
+def _explicit_batch_sharding(a: Array):
+  """The NamedSharding of ``a`` if its batch axis is sharded over Explicit mesh axes, else None."""
+  sharding = jax.typeof(a).sharding
+  if not sharding.spec or sharding.spec[0] is None:
+    return None
+  return sharding
+
+
+def _replicated(a: Array, sharding) -> Array:
+  """``a`` resharded to replicated on ``sharding``'s mesh (Explicit axes)."""
+  return jax.sharding.reshard(
+      a, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
+
+
+class _FoldedNorm(nn.Module):
+  """A norm whose ``coefficients(x, train)`` give ``a, b`` with output ``x * a + b``."""
+
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    """x (B,H,W,C) -> (B,H,W,C) in ``dtype``; ``train`` uses (and updates) batch statistics."""
+    a, b = self.coefficients(x, train)
+    return _apply(x, a, b, self.dtype)
+
+
+class BatchNorm(_FoldedNorm):
   """Batch normalisation equal to ``torch.nn.BatchNorm2d`` (eps 1e-5, momentum 0.1).
 
   Train mode normalises with the biased batch variance over (B, H, W) and updates the running
@@ -91,11 +152,6 @@ class BatchNorm(nn.Module):
   momentum: float = MOMENTUM
   epsilon: float = EPSILON
   dtype: Dtype = jnp.float32
-
-  def __call__(self, x: Array, train: bool) -> Array:
-    """x (B,H,W,C) -> (B,H,W,C) in ``dtype``."""
-    a, b = self.coefficients(x, train)
-    return _apply(x, a, b, self.dtype)
 
   @nn.compact
   def coefficients(self, x: Array, train: bool) -> tuple[Array, Array]:
@@ -110,8 +166,7 @@ class BatchNorm(nn.Module):
       if count < 2:
         raise ValueError(f'BatchNorm in training needs more than one value per channel, '
                          f'got input shape {x.shape}')
-      mean, var = _moments(x, (0, 1, 2))
-      mean, var = mean.reshape(channels), var.reshape(channels)
+      mean, var = _batch_moments(x, ra_mean.value)
       if not self.is_initializing():
         unbiased = var * (count / (count - 1))
         ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
@@ -122,41 +177,51 @@ class BatchNorm(nn.Module):
     return a.reshape(1, 1, 1, channels), b.reshape(1, 1, 1, channels)
 
 
-class InstanceNorm(nn.Module):
+class InstanceNorm(_FoldedNorm):
   """Instance normalisation equal to ``torch.nn.InstanceNorm2d(C, affine=True)``.
 
-  Per sample and channel over (H, W), biased variance, eps 1e-5, no running statistics.
-  Params: scale, bias (C,).
+  Per sample and channel over (H, W), biased variance, eps 1e-5, no running statistics (``train``
+  changes nothing). Params: scale, bias (C,).
   """
   epsilon: float = EPSILON
   dtype: Dtype = jnp.float32
 
-  def __call__(self, x: Array, train: bool = False) -> Array:
-    """x (B,H,W,C) -> (B,H,W,C) in ``dtype``; ``train`` changes nothing (no running stats)."""
-    a, b = self.coefficients(x)
-    return _apply(x, a, b, self.dtype)
-
   @nn.compact
-  def coefficients(self, x: Array) -> tuple[Array, Array]:
+  def coefficients(self, x: Array, train: bool = False) -> tuple[Array, Array]:
     """x (B,H,W,C) -> coefficients a, b (B,1,1,C), float32 or wider, with ``y = x * a + b``."""
+    del train  # no running statistics
     _check_nhwc(x, 'InstanceNorm')
     scale, bias = _affine_params(self, x.shape[-1])
     mean, var = _moments(x, (1, 2))
     return _fold(scale, bias, mean, var, self.epsilon)
 
 
-class SwitchableNorm(nn.Module):
+class SwitchableNorm(_FoldedNorm):
   """Switchable Normalization (Luo et al.), equal to the reference ``SwitchNorm2d``.
 
   IN statistics per sample and channel over (H, W) with the UNBIASED variance; LN statistics are
   the channel means of the IN ones (var_ln = mean_c(var_in + mean_in^2) - mean_ln^2) and BN
-  statistics the batch means likewise. The normaliser is ``softmax(mean_weight) . [IN, LN, BN]``
-  for the mean and ``softmax(var_weight) . [IN, LN, BN]`` for the variance.
+  statistics the batch means likewise (var_bn = mean_b(var_in + mean_in^2) - mean_bn^2). The
+  normaliser is ``softmax(mean_weight) . [IN, LN, BN]`` for the mean and
+  ``softmax(var_weight) . [IN, LN, BN]`` for the variance.
+
+  BN statistics groups: with ``group_size`` G = 0 the BN terms are over the whole (global) batch.
+  With G > 0, in training, they are computed per group of G consecutive images (B must be a
+  multiple of G), as SN layers that are not synchronised across G-image DDP ranks. Under a
+  batch-sharded ``jax.jit`` with Auto mesh axes (the train step's), a group that lies inside one
+  device's shard needs no cross-device communication; under Explicit axes the small per-image
+  statistics (B, C) are replicated before grouping. The running statistics then
+  follow the FIRST group only: the authors' DDP run broadcasts rank 0's buffers to every rank at
+  each forward (``broadcast_buffers=True``), so rank 0's running averages, updated with its own
+  group's statistics, are the ones that persist and are saved.
 
   Train mode with ``using_moving_average`` updates ``r = 0.9 r + 0.1 batch`` for the BN mean and
   variance (the variance derived as above, not re-estimated); without it the running values
   accumulate ``mean_bn`` and ``mean_bn^2 + var_bn``. Eval mode uses the running values as the BN
   term. With ``using_bn=False`` there is no BN term and no running statistics.
+
+  The batch means of [mean_in - shift, var_in + (mean_in - shift)^2] are one stacked reduction
+  (one all-reduce when the batch is sharded), shifted by the running mean as in BatchNorm.
 
   Params: scale, bias (C,); mean_weight, var_weight (3,) or (2,), init ones.
   batch_stats (when using_bn): mean, var (C,), init ZERO.
@@ -165,12 +230,8 @@ class SwitchableNorm(nn.Module):
   epsilon: float = EPSILON
   using_moving_average: bool = True
   using_bn: bool = True
+  group_size: int = 0
   dtype: Dtype = jnp.float32
-
-  def __call__(self, x: Array, train: bool) -> Array:
-    """x (B,H,W,C) -> (B,H,W,C) in ``dtype``."""
-    a, b = self.coefficients(x, train)
-    return _apply(x, a, b, self.dtype)
 
   @nn.compact
   def coefficients(self, x: Array, train: bool) -> tuple[Array, Array]:
@@ -179,7 +240,7 @@ class SwitchableNorm(nn.Module):
     if x.shape[1] * x.shape[2] < 2:
       raise ValueError(f'SwitchableNorm needs at least 2 spatial positions for the unbiased '
                        f'instance variance, got input shape {x.shape}')
-    channels = x.shape[-1]
+    batch, channels = x.shape[0], x.shape[-1]
     scale, bias = _affine_params(self, channels)
     num_terms = 3 if self.using_bn else 2
     mean_weight = self.param('mean_weight', nn.initializers.ones, (num_terms,), jnp.float32)
@@ -188,9 +249,9 @@ class SwitchableNorm(nn.Module):
     var_weight = jax.nn.softmax(var_weight)
 
     mean_in, var_in = _moments(x, (1, 2), ddof=1)  # (B,1,1,C)
-    second_moment = var_in + jnp.square(mean_in)
     mean_ln = jnp.mean(mean_in, axis=-1, keepdims=True)  # (B,1,1,1)
-    var_ln = jnp.mean(second_moment, axis=-1, keepdims=True) - jnp.square(mean_ln)
+    # mean_c(var_in + mean_in^2) - mean_ln^2, centred (per image: no communication to save).
+    var_ln = jnp.mean(var_in + jnp.square(mean_in - mean_ln), axis=-1, keepdims=True)
     mean = mean_weight[0] * mean_in + mean_weight[1] * mean_ln
     var = var_weight[0] * var_in + var_weight[1] * var_ln
 
@@ -198,15 +259,35 @@ class SwitchableNorm(nn.Module):
       ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros((channels,), jnp.float32))
       ra_var = self.variable('batch_stats', 'var', lambda: jnp.zeros((channels,), jnp.float32))
       if train:
-        mean_bn = jnp.mean(mean_in, axis=0).reshape(channels)
-        var_bn = jnp.mean(second_moment, axis=0).reshape(channels) - jnp.square(mean_bn)
+        group = self.group_size or batch
+        if batch % group:
+          raise ValueError(f'SwitchableNorm statistics groups of {group} images '
+                           f'(config.model.sn_group_size) do not divide the batch of {batch}')
+        # Under Explicit mesh axes the (small) instance statistics are grouped replicated;
+        # under Auto axes groups inside a device's shard need no communication.
+        explicit = _explicit_batch_sharding(mean_in) if self.group_size else None
+        rows_in = [mean_in.reshape(batch, channels), var_in.reshape(batch, channels)]
+        if explicit is not None:
+          rows_in = [_replicated(rows, explicit) for rows in rows_in]
+        shift = jax.lax.stop_gradient(ra_mean.value).astype(mean_in.dtype)
+        shape = (batch // group, group, channels)
+        centred = rows_in[0].reshape(shape) - shift
+        moments = jnp.mean(jnp.stack([centred, rows_in[1].reshape(shape)
+                                      + jnp.square(centred)]), axis=2)  # (2, B/G, C)
+        mean_bn = moments[0] + shift  # (B/G, C)
+        var_bn = moments[1] - jnp.square(moments[0])
         if not self.is_initializing():
           if self.using_moving_average:
-            ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean_bn
-            ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var_bn
+            ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean_bn[0]
+            ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var_bn[0]
           else:
-            ra_mean.value = ra_mean.value + mean_bn
-            ra_var.value = ra_var.value + jnp.square(mean_bn) + var_bn
+            ra_mean.value = ra_mean.value + mean_bn[0]
+            ra_var.value = ra_var.value + jnp.square(mean_bn[0]) + var_bn[0]
+        mean_bn, var_bn = (jnp.repeat(m, group, axis=0).reshape(batch, 1, 1, channels)
+                           for m in (mean_bn, var_bn))
+        if explicit is not None:
+          mean_bn, var_bn = (jax.sharding.reshard(m, jax.typeof(mean_in).sharding)
+                             for m in (mean_bn, var_bn))
       else:
         mean_bn, var_bn = ra_mean.value, ra_var.value
       mean = mean + mean_weight[2] * mean_bn
@@ -215,15 +296,10 @@ class SwitchableNorm(nn.Module):
     return _fold(scale, bias, mean, var, self.epsilon)
 
 
-class IBN(nn.Module):
+class IBN(_FoldedNorm):
   """IBN-a normalisation (IBN-Net): InstanceNorm on the first ``int(C/2)`` channels, BatchNorm on
   the rest, concatenated. Submodules ``IN`` (InstanceNorm) and ``BN`` (BatchNorm)."""
   dtype: Dtype = jnp.float32
-
-  def __call__(self, x: Array, train: bool) -> Array:
-    """x (B,H,W,C) -> (B,H,W,C) in ``dtype``."""
-    a, b = self.coefficients(x, train)
-    return _apply(x, a, b, self.dtype)
 
   @nn.compact
   def coefficients(self, x: Array, train: bool) -> tuple[Array, Array]:

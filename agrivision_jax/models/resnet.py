@@ -24,22 +24,24 @@ Follows the authors' ``model/backbone/resnet.py`` (LAOS-Y/AgriVision):
   are ``multi_grid[i] * dilation`` (authors' multi-grid unit, default (1,2,4)) or all
   ``dilation`` when ``multi_grid == ()``.
 
-Every conv and the max pool use explicit symmetric padding (PyTorch's), never 'SAME'. Convs are
-initialised normal(0, sqrt(2 / (k*k*out_channels))), norms scale 1 and bias 0. Channels are
+Every conv and the max pool use explicit symmetric padding (PyTorch's), never 'SAME'. Every
+convolution is built by the ``conv`` field (a ``ModuleDef``: ``nn.Conv`` or a partial of it with
+another ``conv_general_dilated``; see ``models.conv.CONV_MODULES``). Convs are initialised
+normal(0, sqrt(2 / (k*k*out_channels))), norms scale 1 and bias 0. Channels are
 ``width * (1, 2, 4, 8)`` per stage with expansion 4 (``width=64`` is the standard ResNet).
 """
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from agrivision_jax.models import conv
 from agrivision_jax.models import norms
 from agrivision_jax.models import pooling
 
 Array = jax.Array
 Dtype = Any
+ModuleDef = Callable[..., nn.Module]
 
 ARCH_LAYERS = {'resnet50': (3, 4, 6, 3), 'resnet101': (3, 4, 23, 3)}
 IBN_MODES = ('none', 'a', 'b', 's', 'ab')
@@ -85,22 +87,22 @@ def block_dilations(stage: int, num_blocks: int, output_stride: int,
   return (dilation,) * num_blocks
 
 
-def _conv(features: int, kernel: int, stride: int, dilation: int, name: str,
-          dtype: Dtype) -> nn.Conv:
+def _conv(conv: ModuleDef, features: int, kernel: int, stride: int, dilation: int, name: str,
+          dtype: Dtype) -> nn.Module:
   """Bias-free backbone conv with PyTorch's symmetric padding ``dilation * (kernel - 1) // 2``."""
   pad = dilation * (kernel - 1) // 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                 padding=((pad, pad), (pad, pad)), kernel_dilation=(dilation, dilation),
-                 use_bias=False, dtype=dtype, param_dtype=jnp.float32,
-                 kernel_init=backbone_conv_init, name=name, conv_general_dilated=conv.conv_general_dilated)
+  return conv(features, (kernel, kernel), strides=(stride, stride),
+              padding=((pad, pad), (pad, pad)), kernel_dilation=(dilation, dilation),
+              use_bias=False, dtype=dtype, param_dtype=jnp.float32,
+              kernel_init=backbone_conv_init, name=name)
 
 
-def _bn1(mode: str, dtype: Dtype) -> nn.Module:
+def _bn1(mode: str, dtype: Dtype, sn_group_size: int) -> nn.Module:
   """The norm after a bottleneck's conv1 for a per-block mode (see ``block_ibn_modes``)."""
   if mode in ('a', 'ab'):
     return norms.IBN(dtype=dtype, name='bn1')
   if mode == 's':
-    return norms.SwitchableNorm(dtype=dtype, name='bn1')
+    return norms.SwitchableNorm(group_size=sn_group_size, dtype=dtype, name='bn1')
   return norms.BatchNorm(dtype=dtype, name='bn1')
 
 
@@ -108,27 +110,31 @@ class Bottleneck(nn.Module):
   """ResNet bottleneck (expansion 4) with the IBN variants of the authors' code.
 
   Submodules: conv1, bn1, conv2, bn2, conv3, bn3, [downsample_0 (conv), downsample_1 (BN)],
-  [IN]. ``ibn_mode`` is the per-block mode of ``block_ibn_modes``. Sows its output as 'output'
-  into 'intermediates' when that collection is mutable.
+  [IN]. ``ibn_mode`` is the per-block mode of ``block_ibn_modes``; ``sn_group_size`` the
+  SwitchableNorm statistics group (0 = whole batch); ``conv`` builds the convolutions. Sows its
+  output as 'output' into 'intermediates' when that collection is mutable.
   """
   planes: int
   stride: int = 1
   dilation: int = 1
   downsample: bool = False
   ibn_mode: str = 'none'
+  sn_group_size: int = 0
+  conv: ModuleDef = nn.Conv
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
     """x (B,H,W,Cin) -> post-ReLU (B,H/stride,W/stride,4*planes) in ``dtype``."""
-    out = _conv(self.planes, 1, 1, 1, 'conv1', self.dtype)(x)
-    out = nn.relu(_bn1(self.ibn_mode, self.dtype)(out, train))
-    out = _conv(self.planes, 3, self.stride, self.dilation, 'conv2', self.dtype)(out)
+    out = _conv(self.conv, self.planes, 1, 1, 1, 'conv1', self.dtype)(x)
+    out = nn.relu(_bn1(self.ibn_mode, self.dtype, self.sn_group_size)(out, train))
+    out = _conv(self.conv, self.planes, 3, self.stride, self.dilation, 'conv2', self.dtype)(out)
     out = nn.relu(norms.BatchNorm(dtype=self.dtype, name='bn2')(out, train))
-    out = _conv(self.planes * EXPANSION, 1, 1, 1, 'conv3', self.dtype)(out)
+    out = _conv(self.conv, self.planes * EXPANSION, 1, 1, 1, 'conv3', self.dtype)(out)
     out = norms.BatchNorm(dtype=self.dtype, name='bn3')(out, train)
     if self.downsample:
-      residual = _conv(self.planes * EXPANSION, 1, self.stride, 1, 'downsample_0', self.dtype)(x)
+      residual = _conv(self.conv, self.planes * EXPANSION, 1, self.stride, 1, 'downsample_0',
+                       self.dtype)(x)
       residual = norms.BatchNorm(dtype=self.dtype, name='downsample_1')(residual, train)
     else:
       residual = x
@@ -145,20 +151,23 @@ class ResNet(nn.Module):
 
   Submodules: conv1, bn1, layer{s}_{i} (Bottleneck). When the 'intermediates' collection is
   mutable, the post-ReLU stem output is sown as 'stem' and each block sows its output as
-  'layer{s}_{i}/output'.
+  'layer{s}_{i}/output'. ``conv`` builds every convolution; ``sn_group_size`` is passed to the
+  SwitchableNorms.
   """
   layers: tuple[int, ...] = ARCH_LAYERS['resnet50']
   ibn_mode: str = 'none'
   output_stride: int = 16
   multi_grid: tuple[int, ...] = (1, 2, 4)
   width: int = 64
+  sn_group_size: int = 0
+  conv: ModuleDef = nn.Conv
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> tuple[Array, list[Array]]:
     """x (B,H,W,Cin) -> (layer4 (B,H/os,W/os,32*width), [layer1 (B,H/4,W/4,4*width),
     layer2 (8*width), layer3 (16*width)]), all in ``dtype``."""
-    x = _conv(self.width, 7, 2, 1, 'conv1', self.dtype)(x)
+    x = _conv(self.conv, self.width, 7, 2, 1, 'conv1', self.dtype)(x)
     if self.ibn_mode == 'b':
       x = norms.InstanceNorm(dtype=self.dtype, name='bn1')(x)
     else:
@@ -180,6 +189,8 @@ class ResNet(nn.Module):
                        dilation=dilations[index],
                        downsample=index == 0,
                        ibn_mode=modes[index],
+                       sn_group_size=self.sn_group_size,
+                       conv=self.conv,
                        dtype=self.dtype,
                        name=f'layer{stage}_{index}')(x, train)
       features.append(x)
