@@ -182,6 +182,13 @@ def num_classes(config: ml_collections.ConfigDict) -> int:
   return len(layout.class_names(config.data.version))
 
 
+def model_spec(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """``config.model`` as a plain dict with the derived ``in_channels`` and ``num_classes``: the
+  whole description of the network, as the converter and its manifests record it."""
+  return {**config.model.to_dict(), 'in_channels': in_channels(config),
+          'num_classes': num_classes(config)}
+
+
 def depth(config: ml_collections.ConfigDict) -> str:
   """'50' or '101' from config.model.arch."""
   return config.model.arch.removeprefix('resnet')

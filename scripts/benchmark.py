@@ -27,8 +27,8 @@ with the same collectives as on 8 accelerators:
       --cpu_devices=8 --config.data.batch_size=8 --steps=2 --eval_steps=0 --pipeline_batches=0
 
 XLA flags are set by ``agrivision_jax.runtime.configure_xla`` before JAX starts (set
-``AGRIVISION_DEFAULT_XLA=1`` to measure XLA's defaults), and ``runtime.configure_host_memory``
-keeps the step's host memory mapped, as ``main.py`` does (``AGRIVISION_DEFAULT_MALLOC=1`` to
+``AGRIVISION_CPU_XLA_FLAGS=0`` to measure XLA's defaults), and ``runtime.configure_host_memory``
+keeps the step's host memory mapped, as ``main.py`` does (``AGRIVISION_CPU_HOST_MEMORY=0`` to
 measure without). Both peers share the process, and so the malloc settings.
 """
 import os
@@ -60,6 +60,7 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from agrivision_jax import configuration
 from agrivision_jax import data as data_lib
 from agrivision_jax import losses
 from agrivision_jax import models
@@ -105,12 +106,13 @@ def count_collectives(hlo_text: str) -> dict[str, int]:
 
 def model_io(config: ml_collections.ConfigDict) -> tuple[int, int]:
   """(in_channels, num_classes) of the config's model."""
-  return config.model.in_channels, config.model.num_classes
+  return configuration.in_channels(config), configuration.num_classes(config)
 
 
 def build_model(config: ml_collections.ConfigDict) -> Any:
   """The config's DeepLabV3+ module (the script's one call of ``models.create_model``)."""
-  return models.create_model(config.model)
+  return models.create_model(config.model, in_channels=configuration.in_channels(config),
+                             num_classes=configuration.num_classes(config))
 
 
 def random_batch(config: ml_collections.ConfigDict, seed: int = 0) -> dict[str, np.ndarray]:

@@ -36,9 +36,11 @@ def main(argv: list[str]) -> None:
   """Converts --input for --config's model into --output and prints the report."""
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  from agrivision_jax import convert  # pylint: disable=g-import-not-at-top (after XLA flags)
+  from agrivision_jax import configuration  # pylint: disable=g-import-not-at-top (after XLA flags)
+  from agrivision_jax import convert  # pylint: disable=g-import-not-at-top
   try:
-    report = convert.convert_file(_INPUT.value, _OUTPUT.value, _CONFIG.value.model,
+    report = convert.convert_file(_INPUT.value, _OUTPUT.value,
+                                  configuration.model_spec(_CONFIG.value),
                                   overwrite=_OVERWRITE.value)
   except (ValueError, OSError) as e:
     sys.exit(f'convert_torch_weights: {e}\nNothing was written to {_OUTPUT.value}.')

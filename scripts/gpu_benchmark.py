@@ -41,7 +41,6 @@ import argparse
 import functools
 import gc
 import importlib.metadata
-import importlib.util
 import json
 import math
 import os
@@ -111,11 +110,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def experiment_config(args: argparse.Namespace) -> Any:
   """configs/ibn_s.py at ``--arch``'s depth with the script's model size (hybrid loss)."""
-  spec = importlib.util.spec_from_file_location('ibn_s', os.path.join(REPO_ROOT, 'configs',
-                                                                      'ibn_s.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config('depth=' + args.arch[len('resnet'):])
+  from agrivision_jax.configs import common  # pylint: disable=g-import-not-at-top
+  config = common.get_config('depth=' + args.arch[len('resnet'):], ibn_mode='s',
+                             default_loss='hybrid')
   config.model.width = args.width
   if args.width < 64:  # a tiny smoke model: head widths shrunk alike
     config.model.aspp_channels = config.model.decoder_channels = 4 * args.width
@@ -125,8 +122,11 @@ def experiment_config(args: argparse.Namespace) -> Any:
 
 
 def model_io(config: Any) -> tuple[int, int]:
-  """(in_channels, num_classes) of the config's model."""
-  return config.model.in_channels, config.model.num_classes
+  """(in_channels, num_classes) of the config's model: R, G, B, NIR in; the 7 classes of the 2020
+  release out (``configuration`` derives the same, but imports the grain data pipeline, which
+  the bare GPU image lacks)."""
+  assert config.data.modality == 'nrgb' and config.data.version == '2020'
+  return 4, 7
 
 
 def host_batch(config: Any, batch_size: int, seed: int = 0) -> dict[str, Any]:
@@ -278,7 +278,8 @@ def timed(function: Callable[[], Any]) -> float:
 def build_model(config: Any) -> Any:
   """The config's DeepLabV3+ module (the script's one call of ``models.create_model``)."""
   from agrivision_jax import models  # pylint: disable=g-import-not-at-top
-  return models.create_model(config.model)
+  in_channels, num_classes = model_io(config)
+  return models.create_model(config.model, in_channels=in_channels, num_classes=num_classes)
 
 
 def make_train_step(model: Any, loss_fn: Callable, tx: Any, seed: int) -> Callable:

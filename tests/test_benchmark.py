@@ -7,7 +7,7 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, 'scripts', 'benchmark.py')
-ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'AGRIVISION_DEFAULT_XLA': '1', 'PYTHONPATH': REPO}
+ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'AGRIVISION_CPU_XLA_FLAGS': '0', 'PYTHONPATH': REPO}
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:

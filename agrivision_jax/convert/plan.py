@@ -130,7 +130,8 @@ def model_config_dict(model_config: Mapping[str, Any]) -> dict[str, Any]:
 @functools.lru_cache(maxsize=16)
 def _cached_template(config_json: str) -> dict[Path, jax.ShapeDtypeStruct]:
   model_config = json.loads(config_json)
-  model = models.create_model(model_config)
+  model = models.create_model(model_config, in_channels=model_config['in_channels'],
+                              num_classes=model_config['num_classes'])
   images = jax.ShapeDtypeStruct((1, models.INIT_SIZE, models.INIT_SIZE,
                                  model_config['in_channels']), jnp.float32)
   template = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
@@ -138,10 +139,12 @@ def _cached_template(config_json: str) -> dict[Path, jax.ShapeDtypeStruct]:
 
 
 def variable_shapes(model_config: Mapping[str, Any]) -> dict[Path, jax.ShapeDtypeStruct]:
-  """Every variable of ``create_model(model_config)``: path -> ShapeDtypeStruct (no compute).
+  """Every variable of the network ``model_config`` describes: path -> ShapeDtypeStruct (no
+  compute).
 
-  Raises:
-    ValueError naming the config.model field for a bad config.
+  Args:
+    model_config: ``configuration.model_spec(config)``: ``config.model``'s fields with
+      ``in_channels`` and ``num_classes``.
   """
   return _cached_template(json.dumps(model_config_dict(model_config), sort_keys=True))
 
