@@ -112,7 +112,7 @@ def test_imagenet_backbone_parity(mode, container, tmp_path):
   state4 = dict(net.state_dict())
   state4['conv1.weight'] = torch.cat([state4['conv1.weight'], state4['conv1.weight'][:, :1]], 1)
   net4.load_state_dict(state4)  # the authors' utils.convert_model
-  model = models.create_model(config)
+  model = models.model_from_spec(config)
   x = _images(2, (2, 72, 88, 4))
   no_nir = x.copy()
   no_nir[..., 3] = 0
@@ -143,7 +143,7 @@ def test_deeplab_checkpoint_logits_parity(mode, prefix, tmp_path):
   assert report['counts']['filled'] == report['counts']['flax_leaves']
   variables = convert.load_variables(str(tmp_path / 'out'), config)
   x = _images(4, (2, 72, 88, 4))
-  logits = jax.jit(lambda v, images: models.create_model(config).apply(v, images, train=False))(
+  logits = jax.jit(lambda v, images: models.model_from_spec(config).apply(v, images, train=False))(
       variables, x)
   with torch.no_grad():
     expected = ref.to_nhwc(torch_model(ref.to_nchw(x)))

@@ -216,7 +216,7 @@ def _batches(images, valid, ids, batch_size):
 
 @pytest.fixture(scope='module')
 def tiny_r50():
-  model = models.create_model(tiny_model_config())
+  model = models.model_from_spec(tiny_model_config())
   return model, random_variables(model)
 
 
@@ -317,7 +317,7 @@ def test_identical_inputs_give_zero_divergence_at_every_layer(tiny_r50):
 
 @pytest.mark.parametrize('arch, count', [('resnet101', 34), ('resnet50', 17)])
 def test_every_block_is_captured(arch, count):
-  model = models.create_model(tiny_model_config(arch=arch, in_channels=3, ibn_mode='a'))
+  model = models.model_from_spec(tiny_model_config(arch=arch, in_channels=3, ibn_mode='a'))
   variables = jax.eval_shape(
       lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
   means_a, means_b, areas = jax.eval_shape(

@@ -12,6 +12,7 @@ import tifffile
 from PIL import Image
 
 from agrivision_jax import checkpointing
+from agrivision_jax import configuration
 from agrivision_jax import field
 from agrivision_jax import field_io
 from agrivision_jax import models
@@ -43,7 +44,8 @@ def tiny_config(tmp_path, **field_settings):
 @pytest.fixture(scope='module')
 def model_and_variables(tmp_path_factory):
   """The tiny model and random {'params', 'batch_stats'} (shapes from jax.eval_shape)."""
-  model = models.create_model(tiny_config(tmp_path_factory.mktemp('m')).model)
+  model = models.model_from_spec(
+      configuration.model_spec(tiny_config(tmp_path_factory.mktemp('m'))))
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, TILE, TILE, 4)),
                                              train=False))
   rng = np.random.default_rng(0)

@@ -24,7 +24,7 @@ from test_divergence import random_variables, tiny_experiment_config, tiny_model
 
 @pytest.fixture(scope='module')
 def tiny_model():
-  model = models.create_model(tiny_model_config())
+  model = models.model_from_spec(tiny_model_config())
   variables = random_variables(model, seed=1)
   forward = jax.jit(functools.partial(model.apply, train=False))
   return model, variables, functools.partial(forward, variables)

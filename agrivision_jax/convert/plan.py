@@ -130,8 +130,7 @@ def model_config_dict(model_config: Mapping[str, Any]) -> dict[str, Any]:
 @functools.lru_cache(maxsize=16)
 def _cached_template(config_json: str) -> dict[Path, jax.ShapeDtypeStruct]:
   model_config = json.loads(config_json)
-  model = models.create_model(model_config, in_channels=model_config['in_channels'],
-                              num_classes=model_config['num_classes'])
+  model = models.model_from_spec(model_config)
   images = jax.ShapeDtypeStruct((1, models.INIT_SIZE, models.INIT_SIZE,
                                  model_config['in_channels']), jnp.float32)
   template = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)

@@ -23,6 +23,7 @@ from agrivision_jax.models.resnet import ARCH_LAYERS, ResNet, layer_names
 __all__ = [
     'BatchNorm', 'CONV_MODULES', 'DeepLabV3Plus', 'IBN', 'InstanceNorm', 'ResNet', 'SwitchableNorm',
     'backbone_layer_names', 'capture_layer_outputs', 'create_model', 'init_variables',
+    'model_from_spec',
     'resize_bilinear_align_corners', 'resolve_conv_impl',
 ]
 
@@ -77,6 +78,13 @@ def create_model(model_config: Mapping[str, Any], *, in_channels: int,
                        num_low_level_features=model_config['num_low_level_features'],
                        dtype=DTYPES[model_config['dtype']], conv=CONV_MODULES[conv_impl],
                        **optional)
+
+
+def model_from_spec(spec: Mapping[str, Any]) -> DeepLabV3Plus:
+  """``create_model`` of a model spec: ``config.model``'s fields plus ``in_channels`` and
+  ``num_classes`` in one mapping (``configuration.model_spec``; a converter manifest's
+  ``model_config``)."""
+  return create_model(spec, in_channels=spec['in_channels'], num_classes=spec['num_classes'])
 
 
 @functools.partial(jax.jit, static_argnums=0)
