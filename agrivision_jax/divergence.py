@@ -28,8 +28,8 @@ from jax.sharding import PartitionSpec as P
 from matplotlib.figure import Figure
 
 from agrivision_jax import data as data_lib
+from agrivision_jax import experiment
 from agrivision_jax import models
-from agrivision_jax import train
 from agrivision_jax.progress import Progress
 
 PAIRINGS = ('replicate', 'zero')
@@ -373,17 +373,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     ValueError: a bad config field, named.
   """
   settings = _divergence_config(config)
-  mesh, model = train.setup_inference(config, settings.batch_size, 'config.divergence.batch_size')
+  mesh, model = experiment.setup_inference(config, settings.batch_size,
+                                           'config.divergence.batch_size')
   if settings.random_init:
     size = config.data.image_size
     variables = jax.device_put(
         models.init_variables(model, jax.random.key(config.seed),
-                              (1, size, size, config.model.in_channels)),
+                              (1, size, size, experiment.in_channels(config))),
         NamedSharding(mesh, P()))
     weights = f'random initialisation (seed {config.seed})'
   else:
-    variables = train.restore_variables(config, workdir, mesh)
-    weights = f'latest checkpoint of {workdir} (else config.init_from={config.init_from!r})'
+    variables = experiment.restore_variables(config, workdir, mesh)
+    weights = (f'checkpoint {config.restore!r} of {workdir} (latest: else '
+               f'config.init_from={config.init_from!r})')
   data_config = config.data.copy_and_resolve_references()
   data_config.modality = 'nrgb'
   data_config.eval_batch_size = settings.batch_size
