@@ -31,6 +31,7 @@ from ml_collections import config_flags
 
 from agrivision_jax import checkpointing
 from agrivision_jax import divergence
+from agrivision_jax import experiment
 from agrivision_jax import predict
 from agrivision_jax import preemption
 from agrivision_jax import runtime
@@ -45,7 +46,8 @@ EXIT_PREEMPTED = 75
 PROG = 'agrivision_jax.main'
 # Errors of input, configuration or environment: reported in one line (programming errors are not).
 USER_ERRORS = (ValueError, OSError, FloatingPointError, workdir_lib.WorkdirBusyError,
-               writers.ConfigMismatchError, checkpointing.CheckpointSaveError)
+               writers.ConfigMismatchError, checkpointing.CheckpointSaveError,
+               checkpointing.CheckpointRestoreError)
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file, e.g. configs/ibn_s.py:demo (variants after ":").',
@@ -152,6 +154,7 @@ def run_mode(mode: str, config, workdir: str):
   if mode not in MODES:
     raise ValueError(f'--mode must be one of {MODES}, got {mode!r}')
   check_dataset(config)
+  experiment.initialize_distributed(config)  # before the lock: it starts the JAX backend
   with workdir_lib.lock(workdir):
     if mode == 'train':
       return train.train_and_evaluate(config, workdir)

@@ -240,7 +240,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   total = config.num_train_steps
   index, count = jax.process_index(), jax.process_count()
   manager = checkpointing.create_manager(workdir, config.max_checkpoints_to_keep)
-  writer = None
+  writer = best = None
   try:
     train_iter = data_lib.create_train_iterator(config.data, config.seed, index, count)
     state, start_step, train_iter = _restore_or_init(config, workdir, model, tx, mesh, manager,
@@ -318,6 +318,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     manager.close()
     if writer is not None:
       writer.close()
+    if best is not None:
+      best.close()
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str = 'val') -> dict:
