@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from agrivision_jax import data
-from agrivision_jax import train
+from agrivision_jax import experiment
 from agrivision_jax import writers
 from test_train import assert_same_step
 from test_train import flat
@@ -25,8 +25,9 @@ import json, sys
 import jax
 jax.config.update('jax_num_cpu_devices', 2)
 jax.config.update('jax_default_matmul_precision', 'highest')
-from absl import flags
+from absl import flags, logging
 flags.FLAGS.mark_as_parsed()
+logging.set_verbosity(logging.INFO)
 import ml_collections
 from agrivision_jax import train
 config = ml_collections.ConfigDict(json.loads(sys.argv[1]))
@@ -67,9 +68,13 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
 
   # One process, 4 devices, the same global batch: process p's share is rows [4p, 4p + 4).
   shares = [next(data.create_train_iterator(config.data, config.seed, p, 2)) for p in range(2)]
-  batch = {key: np.concatenate([share[key] for share in shares]) for key in train.BATCH_KEYS}
-  metrics, variables = one_step(config, jax.devices()[:4], batch)
+  batch = {key: np.concatenate([share[key] for share in shares])
+           for key in experiment.BATCH_KEYS}
+  loss, variables = one_step(config, jax.devices()[:4], batch)
   record, = [r for r in writers.read_metrics(workdir) if r['split'] == 'train']
-  restored = flat(train.restore_variables(config, workdir))
-  assert_same_step(record, restored, metrics, variables, initial_variables(config))
-  assert json.loads((tmp_path / 'run' / 'config.json').read_text())['distributed'] is True
+  restored = flat(experiment.restore_variables(config, workdir))
+  assert_same_step(record['loss'], restored, loss, variables, initial_variables(config))
+  recorded = json.loads((tmp_path / 'run' / 'config.json').read_text())
+  assert recorded['distributed'] is True and recorded['resolved']['process_count'] == 2
+  # Progress lines come from process 0 only.
+  assert 'step 1/1' in outputs[0] and 'step 1/1' not in outputs[1], outputs[1][-3000:]
