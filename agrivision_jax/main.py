@@ -14,7 +14,8 @@ Exit status: 0 done; 1 an error, told in one line on stderr (bad config value or
 missing checkpoint, workdir in use, config differing from the workdir's, NaN loss, failed
 checkpoint save); 2 a bad command line (unknown flag or config field, bad value);
 75 (EX_TEMPFAIL) stopped by a first SIGTERM / SIGINT after saving a checkpoint: run the same
-command to resume; 128 + N killed by a second signal N. ``--traceback`` adds Python tracebacks.
+command to resume; 128 + N killed by a second signal N; 130 Ctrl-C before training started.
+``--traceback`` adds Python tracebacks.
 """
 
 import difflib
@@ -43,6 +44,7 @@ MODES = ('train', 'evaluate', 'divergence', 'predict')
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_PREEMPTED = 75
+EXIT_INTERRUPTED = 130
 PROG = 'agrivision_jax.main'
 # Errors of input, configuration or environment: reported in one line (programming errors are not).
 USER_ERRORS = (ValueError, OSError, FloatingPointError, workdir_lib.WorkdirBusyError,
@@ -187,6 +189,9 @@ def main(argv: list[str]) -> None:
   except preemption.Preempted as e:
     print(f'{PROG}: {one_line(e)}', file=sys.stderr)
     sys.exit(EXIT_PREEMPTED)
+  except KeyboardInterrupt:  # Ctrl-C before training installed its handlers (e.g. compiling)
+    print(f'{PROG}: interrupted', file=sys.stderr)
+    sys.exit(EXIT_INTERRUPTED)
   except USER_ERRORS as e:
     if _TRACEBACK.value:
       traceback.print_exc()
