@@ -13,8 +13,9 @@ etils.epath URL such as gs://bucket/run.
 Exit status: 0 done; 1 an error, told in one line on stderr (bad config value or data file,
 missing checkpoint, workdir in use, config differing from the workdir's, NaN loss, failed
 checkpoint save); 2 a bad command line (unknown flag or config field, bad value);
-75 (EX_TEMPFAIL) stopped by a first SIGTERM / SIGINT after saving a checkpoint: run the same
-command to resume; 128 + N killed by a second signal N; 130 Ctrl-C before training started.
+128 + N (143 SIGTERM, 130 SIGINT) stopped by a first signal N after saving a checkpoint (run
+the same command to resume), or killed by a second one at once; 130 also for Ctrl-C before the
+training loop started.
 ``--traceback`` adds Python tracebacks.
 """
 
@@ -43,7 +44,6 @@ from agrivision_jax import writers
 MODES = ('train', 'evaluate', 'divergence', 'predict')
 EXIT_ERROR = 1
 EXIT_USAGE = 2
-EXIT_PREEMPTED = 75
 EXIT_INTERRUPTED = 130
 PROG = 'agrivision_jax.main'
 # Errors of input, configuration or environment: reported in one line (programming errors are not).
@@ -188,7 +188,7 @@ def main(argv: list[str]) -> None:
     run_mode(_MODE.value, _CONFIG.value, _WORKDIR.value)
   except preemption.Preempted as e:
     print(f'{PROG}: {one_line(e)}', file=sys.stderr)
-    sys.exit(EXIT_PREEMPTED)
+    sys.exit(e.exit_status)
   except KeyboardInterrupt:  # Ctrl-C before training installed its handlers (e.g. compiling)
     print(f'{PROG}: interrupted', file=sys.stderr)
     sys.exit(EXIT_INTERRUPTED)

@@ -31,6 +31,7 @@ from agrivision_jax import losses
 from agrivision_jax import metrics as metrics_lib
 from agrivision_jax import optim
 from agrivision_jax import preemption
+from agrivision_jax import progress
 from agrivision_jax import writers
 
 
@@ -298,7 +299,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           log.check_finite(step, kept)
         if log_now:
           row = log.flush(step, config.data.batch_size)
-          _log(writers.progress_line(step, total, row['loss'], row['steps_per_second']))
+          _log(progress.format_progress('train', step, total, row['steps_per_second'],
+                                        unit='steps', extra=f"loss {row['loss']:.4f}"))
           writer.write(step, 'train', row)
         if save_now:
           checkpointing.save(manager, step, state, train_iter)
@@ -311,7 +313,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           message = (f'stopped by a signal after step {step}: checkpoint saved in '
                      f'{checkpointing.checkpoint_dir(workdir)}; run the same command to resume')
           _log(message)
-          raise preemption.Preempted(message)
+          raise preemption.Preempted(message, stop.signum)
     return val_metrics
   finally:
     manager.wait_until_finished()
