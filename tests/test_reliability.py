@@ -105,7 +105,7 @@ def assert_same_run(config, workdir: str, reference: str):
     np.testing.assert_array_equal(variables[key], reference_variables[key], err_msg=str(key))
 
 
-@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT], ids=['SIGTERM', 'SIGINT'])
 def test_a_signal_saves_stops_and_the_rerun_is_identical(setup, tmp_path, signum):
   data_dir, cache, reference = setup
   workdir = str(tmp_path)
