@@ -308,8 +308,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
           eval_start = time.perf_counter()
           val_metrics = validate(step)
           log.exclude(time.perf_counter() - eval_start)
-        if stopping:
-          manager.wait_until_finished()
+        if stopping:  # the save above has returned: the checkpoint is written
           message = (f'stopped by a signal after step {step}: checkpoint saved in '
                      f'{checkpointing.checkpoint_dir(workdir)}; run the same command to resume')
           _log(message)
