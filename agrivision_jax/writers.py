@@ -23,7 +23,7 @@ from agrivision_jax import workdir as workdir_lib
 
 METRICS_FILE = 'metrics.jsonl'
 CONFIG_FILE = 'config.json'
-# model.* fields that change neither the parameters nor the computed function.
+# model.* fields that leave the checkpoint contents as they are (compute dtype, conv kernels).
 _FREE_MODEL_FIELDS = ('model.dtype', 'model.conv_impl')
 _DATA_FIELDS = ('data.image_size', 'data.modality', 'data.version')
 
