@@ -179,6 +179,23 @@ def test_every_validation_records_the_best_and_restore_best_loads_it(straight):
   assert restored(config, workdir, 'latest')[1] == 6
 
 
+def test_evaluate_the_best_and_a_numbered_checkpoint(straight, tmp_path):
+  config, workdir, _ = straight
+  copy = str(tmp_path / 'copy')
+  shutil.copytree(workdir, copy)
+  val = {r['step']: r for r in records(workdir, 'val')}
+  best_step = val[6]['best_step']
+  for restore, step in (('best', best_step), ('4', 4)):
+    config = config.copy_and_resolve_references()
+    config.restore = restore
+    result = train.evaluate(config, copy)
+    row = records(copy, 'val')[-1]
+    assert (row['step'], row['restore']) == (step, restore)
+    # The same weights on the same split as the validation during training.
+    assert row['miou'] == result['miou'] == val[step]['miou']
+    assert row['loss'] == pytest.approx(val[step]['loss'], rel=1e-6)
+
+
 def test_resume_gives_identical_params_and_metrics(straight, tmp_path):
   config, workdir, _ = straight
   config = config.copy_and_resolve_references()
