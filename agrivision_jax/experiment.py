@@ -252,7 +252,7 @@ def create_train_state(config: ml_collections.ConfigDict, model: flax.linen.Modu
 
 def abstract_train_state(config: ml_collections.ConfigDict, model: flax.linen.Module,
                          tx: optax.GradientTransformation, mesh: jax.sharding.Mesh) -> TrainState:
-  """``create_train_state``'s structure as ShapeDtypeStructs with replicated shardings (no compute)."""
+  """``create_train_state``'s structure: replicated ShapeDtypeStructs (nothing computed)."""
   image_shape = _image_shape(config)
   variables = jax.eval_shape(lambda: models.init_variables(model, jax.random.key(0), image_shape))
   sharding = replicated(mesh)

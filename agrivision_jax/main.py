@@ -106,8 +106,8 @@ def unknown_config_field(argv: list[str], config) -> str | None:
       path = match.group(1)
       parent = path.rpartition('.')[0]
       siblings = [k for k in known if k.rpartition('.')[0] == parent] if parent in known else known
-      close = difflib.get_close_matches(path, siblings, n=3, cutoff=0.5) or difflib.get_close_matches(
-          path, known, n=3, cutoff=0.5)
+      close = (difflib.get_close_matches(path, siblings, n=3, cutoff=0.5)
+               or difflib.get_close_matches(path, known, n=3, cutoff=0.5))
       hint = f'; closest: {", ".join(f"config.{c}" for c in close)}' if close else ''
       return f'unknown config field config.{path} (in {arg}){hint}'
   return None
@@ -138,7 +138,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def check_dataset(config) -> None:
-  """Raises a one-line ValueError saying how to point at data when ``config.data.data_dir`` is ''."""
+  """A one-line ValueError saying how to point at data when ``config.data.data_dir`` is ''."""
   if not config.data.data_dir:
     raise ValueError(
         'no dataset: pass --config.data.data_dir=/path/to/Agriculture-Vision (the folder holding '

@@ -2,8 +2,9 @@
 
 The loop resumes from the newest checkpoint that restores, validates every
 ``config.eval_every_steps`` (keeping the best checkpoint apart), stops cleanly on the first
-SIGTERM / SIGINT (checkpoint saved, ``preemption.Preempted`` raised) and counts the final
-validation as part of completing a run. Mesh, sharding, model and train state come from
+SIGTERM / SIGINT (at the end of the step in flight, or of the validation in flight; checkpoint
+saved, ``preemption.Preempted`` raised) and counts the final validation as part of completing a
+run. Mesh, sharding, model and train state come from
 ``agrivision_jax.experiment``.
 """
 

@@ -1,4 +1,5 @@
-"""main.py's command-line manners: one-line errors, unknown config fields, no dataset, busy workdir."""
+"""main.py's command-line manners: one-line errors, unknown config fields, no dataset, busy
+workdir."""
 
 import os
 import pathlib
@@ -15,7 +16,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_one_line_joins_lines_and_shortens_nested_tracebacks():
-  assert main.one_line(ValueError('config.x must be > 0\n  got -1')) == 'config.x must be > 0 got -1'
+  assert main.one_line(ValueError('config.x must be > 0\n  got -1')) == ('config.x must be > 0 '
+                                                                        'got -1')
   nested = ('flag --config=configs/ibn_s.py:dem: Error whilst parsing config file:\n\n'
             'Traceback (most recent call last):\n  File "x.py", line 1\n'
             "ValueError: unknown config variant 'dem'")

@@ -1,4 +1,5 @@
-"""Two processes on 127.0.0.1 (2 CPU devices each, gloo collectives) train like one with 4 devices."""
+"""Two processes on 127.0.0.1 (2 CPU devices each, gloo collectives) train like one process with
+4 devices; only process 0 logs progress."""
 
 import json
 import os
