@@ -30,9 +30,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from matplotlib.figure import Figure
 
+from agrivision_jax import configuration
 from agrivision_jax import data as data_lib
+from agrivision_jax import experiment
 from agrivision_jax import models
-from agrivision_jax import train
 from agrivision_jax.progress import Progress
 
 PAIRINGS = ('replicate', 'zero')
@@ -393,17 +394,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     ValueError: a bad config field, named.
   """
   settings = config.divergence
-  mesh, model = train.setup_inference(config, settings.batch_size, 'config.divergence.batch_size')
+  mesh, model = experiment.setup_inference(config, settings.batch_size,
+                                           'config.divergence.batch_size')
   if settings.random_init:
     size = config.data.image_size
     variables = jax.device_put(
         models.init_variables(model, jax.random.key(config.seed),
-                              (1, size, size, config.model.in_channels)),
+                              (1, size, size, configuration.in_channels(config))),
         NamedSharding(mesh, P()))
     weights = f'random initialisation (seed {config.seed})'
   else:
-    variables = train.restore_variables(config, workdir, mesh)
-    weights = f'latest checkpoint of {workdir} (else config.init_from={config.init_from!r})'
+    variables = experiment.restore_variables(config, workdir, mesh)
+    weights = (f'checkpoint {config.restore!r} of {workdir} (latest: else '
+               f'config.init_from={config.init_from!r})')
   data_config = config.data.copy_and_resolve_references()
   data_config.modality = 'nrgb'
   data_config.eval_batch_size = settings.batch_size
@@ -418,7 +421,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       pooling=settings.pooling, num_images=settings.num_images, progress=progress.update)
   progress.finish()
   layers = summarize(stats_a, stats_b, settings.var_floor)
-  input_a, input_b = PAIRING_CHANNELS[(config.model.in_channels, settings.pairing)]
+  input_a, input_b = PAIRING_CHANNELS[(configuration.in_channels(config), settings.pairing)]
   result = {
       'settings': {
           'split': settings.split, 'num_images': num_images,
@@ -427,7 +430,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           'random_init': settings.random_init, 'pairing': settings.pairing,
           'input_a': input_a, 'input_b': input_b, 'var_floor': settings.var_floor,
           'variance': 'unbiased (ddof=1)', 'arch': config.model.arch,
-          'ibn_mode': config.model.ibn_mode, 'in_channels': config.model.in_channels,
+          'ibn_mode': config.model.ibn_mode, 'in_channels': configuration.in_channels(config),
           'width': config.model.width, 'image_size': config.data.image_size,
           'data_dir': config.data.data_dir, 'weights': weights,
       },

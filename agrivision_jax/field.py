@@ -31,9 +31,9 @@ from jax.sharding import PartitionSpec as P
 from PIL import Image
 
 from agrivision_jax import data as data_lib
+from agrivision_jax import experiment
 from agrivision_jax import field_io
 from agrivision_jax import overlay
-from agrivision_jax import train
 from agrivision_jax import tta as tta_lib
 from agrivision_jax.data import BadFileError
 from agrivision_jax.progress import Progress
@@ -332,7 +332,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if len(set(stems)) != len(stems):
     raise ValueError(f'config.field.inputs: two fields share a file name {stems}: their outputs '
                      'would overwrite each other')
-  mesh, model = train.setup_inference(config, settings.batch_size, 'config.field.batch_size')
+  mesh, model = experiment.setup_inference(config, settings.batch_size, 'config.field.batch_size')
   if jax.process_count() > 1:
     raise ValueError(f'--mode=field runs on one process; got {jax.process_count()}')
   backend = 'rasterio' if field_io.rasterio_available() else 'tifffile'
@@ -341,7 +341,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                  'with tifffile, GeoTIFF tags copied verbatim')
   sources = [FieldSource(paths, settings.band_order, settings.nodata, backend)
              for paths in fields]
-  variables = train.restore_variables(config, workdir, mesh)
+  variables = experiment.restore_variables(config, workdir, mesh)
   forward = make_forward(model, variables, mesh, settings.tta,
                          window_weight(config.data.image_size, settings.overlap))
   out_dir = settings.output_dir or os.path.join(workdir, 'field')

@@ -28,9 +28,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from agrivision_jax import data as data_lib
+from agrivision_jax import experiment
 from agrivision_jax import metrics as metrics_lib
 from agrivision_jax import overlay
-from agrivision_jax import train
 from agrivision_jax import tta as tta_lib
 from agrivision_jax.data import layout
 from agrivision_jax.progress import Progress
@@ -158,8 +158,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     ValueError: a bad config field, named.
   """
   settings = config.predict
-  mesh, model = train.setup_inference(config, settings.batch_size, 'config.predict.batch_size')
-  variables = train.restore_variables(config, workdir, mesh)
+  mesh, model = experiment.setup_inference(config, settings.batch_size, 'config.predict.batch_size')
+  variables = experiment.restore_variables(config, workdir, mesh)
 
   split = settings.split
   labelled = split in layout.LABELED_SPLITS

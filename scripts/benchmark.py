@@ -62,6 +62,7 @@ from ml_collections import config_flags
 
 from agrivision_jax import configuration
 from agrivision_jax import data as data_lib
+from agrivision_jax import experiment
 from agrivision_jax import losses
 from agrivision_jax import models
 from agrivision_jax import optim
@@ -138,14 +139,14 @@ class JaxSide:
   """The project's train and eval steps on one batch; ``step()`` runs one donated train step."""
 
   def __init__(self, config: ml_collections.ConfigDict, batch: dict[str, np.ndarray]):
-    self.mesh = train.create_mesh()
+    self.mesh = experiment.create_mesh()
     model = build_model(config)
-    loss_fn = losses.make_loss(config.loss)
+    loss_fn = losses.make_loss(config.loss, self.mesh)
     tx = optim.create_optimizer(config.optim)
     start = time.perf_counter()
-    self.state = jax.block_until_ready(train.create_train_state(config, model, tx, self.mesh))
+    self.state = jax.block_until_ready(experiment.create_train_state(config, model, tx, self.mesh))
     self.init_seconds = time.perf_counter() - start
-    self.batch = train.shard_batch(batch, self.mesh)
+    self.batch = experiment.shard_batch(batch, self.mesh)
     step = train.make_train_step(model, loss_fn, tx, optim.schedule(config.optim), self.mesh,
                                  config.seed)
     start = time.perf_counter()
@@ -160,7 +161,7 @@ class JaxSide:
 
   def step(self) -> Any:
     self.state, self.metrics = self.train_step(self.state, self.batch)
-    return self.metrics['loss']
+    return self.metrics
 
   def evaluate(self) -> Any:
     variables = {'params': self.state.params, 'batch_stats': self.state.batch_stats}
@@ -289,7 +290,7 @@ def main(argv: list[str]) -> None:
     for side in sides.values():
       _timed(side.step)
   train_times = interleaved({name: side.step for name, side in sides.items()}, _STEPS.value)
-  losses_now = {'jax': float(jax_side.metrics['loss'])}
+  losses_now = {'jax': float(jax_side.metrics[0].compute()['loss'])}
   results: dict[str, Any] = {
       'config': sys.argv[1:], 'device': str(jax.devices()[0].device_kind),
       'backend': jax.default_backend(), 'cpu_count': os.cpu_count(),

@@ -376,7 +376,9 @@ def jax_row(config: Any, variables: dict[str, Any], batch: dict[str, Any], dtype
       'conv_impl_resolved': models.resolve_conv_impl(conv_impl),
       'label': f'jax {dtype} {conv_impl} b{batch_size}'}
   model = build_model(config)
-  row['model_conv_impl'] = getattr(model, 'conv_impl', None)
+  # The convolution the built model really uses (its ``conv`` ModuleDef).
+  row['model_conv_impl'] = next(name for name, conv in models.CONV_MODULES.items()
+                                if conv is model.conv)
   tx = optim.create_optimizer(config.optim)
   step = make_train_step(model, losses.make_loss(config.loss), tx, config.seed)
   params = jax.tree.map(jnp.copy, variables['params'])

@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from agrivision_jax import data as data_lib
+from agrivision_jax import experiment
 from agrivision_jax import divergence
 from agrivision_jax import models
-from agrivision_jax import train
 from agrivision_jax.configs import common
 
 
@@ -222,7 +222,7 @@ def tiny_r50():
 
 def test_streaming_statistics_match_direct_computation_for_any_batch_size(tiny_r50):
   model, variables = tiny_r50
-  mesh = train.create_mesh(jax.devices()[:1])
+  mesh = experiment.create_mesh(jax.devices()[:1])
   images, valid, ids = _split_images()
   results = [divergence.accumulate_statistics(model, variables, _batches(images, valid, ids, size),
                                               mesh, pairing='replicate', valid_only=True)[:2]
@@ -282,7 +282,7 @@ def _brute_force_batch_pooling(model, variables, images, valid, ids, batch_size,
 @pytest.mark.parametrize('batch_size, valid_only', [(2, True), (4, True), (4, False)])
 def test_batch_pooling_matches_brute_force(tiny_r50, batch_size, valid_only):
   model, variables = tiny_r50
-  mesh = train.create_mesh(jax.devices()[:1])
+  mesh = experiment.create_mesh(jax.devices()[:1])
   images, valid, ids = _split_images()
   stats_a, stats_b, used = divergence.accumulate_statistics(
       model, variables, _batches(images, valid, ids, batch_size), mesh, pairing='replicate',
@@ -301,7 +301,7 @@ def test_batch_pooling_matches_brute_force(tiny_r50, batch_size, valid_only):
 
 def test_identical_inputs_give_zero_divergence_at_every_layer(tiny_r50):
   model, variables = tiny_r50
-  mesh = train.create_mesh(jax.devices()[:1])
+  mesh = experiment.create_mesh(jax.devices()[:1])
   images, valid, ids = _split_images(seed=7)
   stats = divergence.accumulate_statistics(model, variables, _batches(images, valid, ids, 4), mesh,
                                            pairing='replicate', valid_only=True)[:2]

@@ -13,11 +13,11 @@ from PIL import Image
 
 from agrivision_jax import checkpointing
 from agrivision_jax import configuration
+from agrivision_jax import experiment
 from agrivision_jax import field
 from agrivision_jax import field_io
 from agrivision_jax import models
 from agrivision_jax import predict
-from agrivision_jax import train
 from agrivision_jax.configs import common
 from agrivision_jax.data import BadFileError
 
@@ -111,7 +111,7 @@ def test_zero_overlap_equals_tile_by_tile_predict_and_keeps_georeferencing(
               'labels': np.zeros((8, TILE, TILE, 7), np.float32),
               'valid': np.ones((8, TILE, TILE), bool), 'id': np.array(['x'] * 8)}
              for i in range(0, len(tiles), 8)]
-  mesh = train.create_mesh()
+  mesh = experiment.create_mesh()
   predicted = np.concatenate([p for _, p, _ in predict.predict_batches(
       model, checkpointing.place_replicated(variables, mesh), batches, mesh, 'none')])
   expected = predicted[:20].reshape(4, 5, TILE, TILE).transpose(0, 2, 1, 3).reshape(256, 320)
@@ -154,7 +154,7 @@ def test_overlap_blending_equals_a_brute_force_weighted_sum(tmp_path, monkeypatc
   assert max(reads) == TILE   # strips of one window row
 
   # Brute force: every window's weighted logits summed over the whole padded field at once.
-  mesh = train.create_mesh()
+  mesh = experiment.create_mesh()
   forward = field.make_forward(model, checkpointing.place_replicated(variables, mesh), mesh,
                                'none', np.ones((TILE, TILE), np.float32))
   stride = TILE - overlap

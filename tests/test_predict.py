@@ -13,11 +13,11 @@ from PIL import Image
 
 from agrivision_jax import checkpointing
 from agrivision_jax import data as data_lib
+from agrivision_jax import experiment
 from agrivision_jax import models
 from agrivision_jax import optim
 from agrivision_jax import predict
 from agrivision_jax import progress
-from agrivision_jax import train
 from agrivision_jax import tta
 from test_divergence import random_variables, tiny_experiment_config, tiny_model_config
 
@@ -69,7 +69,7 @@ def test_flips_tta_is_equivariant_to_flips_on_non_square_input(tiny_model):
 def save_checkpoint(config: ml_collections.ConfigDict, workdir: str, variables: dict) -> None:
   """Saves ``variables`` as the workdir's step-1 checkpoint, the way training does."""
   tx = optim.create_optimizer(config.optim)
-  state = train.TrainState(step=jnp.ones((), jnp.int32), params=variables['params'],
+  state = experiment.TrainState(step=jnp.ones((), jnp.int32), params=variables['params'],
                            batch_stats=variables['batch_stats'],
                            opt_state=tx.init(variables['params']))
   manager = checkpointing.create_manager(workdir, 1)

@@ -1,12 +1,15 @@
-"""Training loop on a tiny IBN-s model and tiny synthetic data: learning, resume, sharding, NaN stop.
+"""Training loop on a tiny model and tiny synthetic data: learning, resume, preemption, the best
+checkpoint, the final validation, sharding, NaN stop.
 
 Every run here shares one model shape, so a per-module persistent compilation cache lets the
 later runs skip XLA compilation.
 """
 
-import importlib.util
+import json
 import os
 import pathlib
+import shutil
+import signal
 
 import jax
 import numpy as np
@@ -14,22 +17,16 @@ import pytest
 
 from agrivision_jax import checkpointing
 from agrivision_jax import data
+from agrivision_jax import experiment
 from agrivision_jax import losses
-from agrivision_jax import models
 from agrivision_jax import optim
+from agrivision_jax import preemption
 from agrivision_jax import train
 from agrivision_jax import writers
+from agrivision_jax.configs import common
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TIMING_FIELDS = ('steps_per_second', 'throughput')
-
-
-def load_default_configs():
-  spec = importlib.util.spec_from_file_location('test_train_default',
-                                                ROOT / 'configs' / 'default.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def tiny_config(data_dir: str):
@@ -40,7 +37,7 @@ def tiny_config(data_dir: str):
   which would hide real sharding errors in the equivalence tests below. The norms' sharded
   statistics are tested in the models' tests.
   """
-  config = load_default_configs().get_config('depth=50', ibn_mode='none', default_loss='hybrid')
+  config = common.get_config('depth=50', ibn_mode='none', default_loss='hybrid')
   config.model.update(dict(width=8, aspp_channels=16, decoder_channels=16, low_level_channels=8))
   config.data.update(dict(source='synthetic', data_dir=data_dir, image_size=32, batch_size=8,
                           eval_batch_size=8, num_workers=0))
@@ -68,7 +65,7 @@ def data_dir(tmp_path_factory):
   return str(tmp_path_factory.mktemp('synthetic') / 'av')
 
 
-def train_records(workdir, split='train'):
+def records(workdir, split='train'):
   return [{k: v for k, v in r.items() if k not in TIMING_FIELDS}
           for r in writers.read_metrics(workdir) if r['split'] == split]
 
@@ -78,13 +75,26 @@ def flat(variables):
           for k, v in jax.tree_util.tree_leaves_with_path(jax.device_get(variables))}
 
 
+def assert_same_variables(a: dict, b: dict) -> None:
+  a, b = flat(a), flat(b)
+  assert a.keys() == b.keys()
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def restored(config, workdir, restore='latest'):
+  config = config.copy_and_resolve_references()
+  config.restore = str(restore)
+  return experiment.restore_variables_and_step(config, workdir)
+
+
 def relative_difference(a: dict, b: dict, reference: dict, keys: list[str]) -> float:
   """||a - b|| / ||reference|| over the leaves ``keys`` (all leaves as one vector)."""
   norm = lambda f: np.sqrt(sum(np.sum(np.square(f(k)), dtype=np.float64) for k in keys))
   return norm(lambda k: a[k] - b[k]) / norm(lambda k: reference[k])
 
 
-def assert_same_step(metrics: dict, variables: dict, ref_metrics: dict, ref_variables: dict,
+def assert_same_step(loss: float, variables: dict, ref_loss: float, ref_variables: dict,
                      init: dict) -> None:
   """One train step on two device layouts agrees up to float32 reduction-order noise.
 
@@ -93,10 +103,10 @@ def assert_same_step(metrics: dict, variables: dict, ref_metrics: dict, ref_vari
   which depends on the forward only) to 1e-3 of its update. The whole parameter update only to
   0.25 of its norm: this width-8 network at 32 px switches a few ReLU / max-pool / Lovasz-order
   choices under 1e-7 forward noise, which moved the update by 1e-4 to 8e-2 across seeds 0-2
-  (two processes against one; 5e-5 to 1.3e-2 with session 1's model code); a missing all-reduce
-  or per-device statistics give differences of order 1.
+  (two processes against one); a missing all-reduce or per-device statistics give differences of
+  order 1.
   """
-  np.testing.assert_allclose(metrics['loss'], ref_metrics['loss'], rtol=1e-5)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
   assert variables.keys() == ref_variables.keys() == init.keys()
   params = [k for k in init if k.startswith("['params']")]
   stats = [k for k in init if k.startswith("['batch_stats']")]
@@ -110,10 +120,30 @@ def assert_same_step(metrics: dict, variables: dict, ref_metrics: dict, ref_vari
 
 
 def initial_variables(config) -> dict:
-  model = models.create_model(config.model)
-  size = config.data.image_size
-  return flat(models.init_variables(model, jax.random.fold_in(jax.random.key(config.seed), 0),
-                                    (1, size, size, config.model.in_channels)))
+  return flat(experiment.initial_variables(config, experiment.create_model(config)))
+
+
+def one_step(config, devices, batch):
+  """(loss, flat variables) after one train step of ``batch`` on ``devices``."""
+  model = experiment.create_model(config)
+  tx = optim.create_optimizer(config.optim)
+  mesh = experiment.create_mesh(devices)
+  state = experiment.create_train_state(config, model, tx, mesh)
+  step = train.make_train_step(model, losses.make_loss(config.loss, mesh), tx,
+                               optim.schedule(config.optim), mesh, config.seed)
+  state, (metrics, _) = step(state, experiment.shard_batch(batch, mesh))
+  return float(metrics.compute()['loss']), flat({'params': state.params,
+                                                 'batch_stats': state.batch_stats})
+
+
+@pytest.fixture(scope='module')
+def straight(data_dir, tmp_path_factory):
+  """An uninterrupted 6-step run validating every 2 steps: (config, workdir, result)."""
+  config = tiny_config(data_dir)
+  config.eval_every_steps = 2
+  config.checkpoint_every_steps = 2
+  workdir = str(tmp_path_factory.mktemp('straight'))
+  return config, workdir, train.train_and_evaluate(config, workdir)
 
 
 def test_loss_decreases_over_a_few_dozen_steps(data_dir, tmp_path):
@@ -122,48 +152,134 @@ def test_loss_decreases_over_a_few_dozen_steps(data_dir, tmp_path):
   config.log_every_steps = 10
   config.checkpoint_every_steps = 30
   result = train.train_and_evaluate(config, str(tmp_path))
-  records = train_records(str(tmp_path))
-  assert [r['step'] for r in records] == [10, 20, 30]
-  first, last = records[0]['loss'], records[-1]['loss']
+  rows = records(str(tmp_path))
+  assert [r['step'] for r in rows] == [10, 20, 30]
+  first, last = rows[0]['loss'], rows[-1]['loss']
   assert np.isfinite(first) and last < 0.85 * first, (first, last)
   assert set(result) >= {'loss', 'miou'} | {f'iou/{n}' for n in data.class_names('2020')}
-  val = train_records(str(tmp_path), 'val')
-  assert [r['step'] for r in val] == [30] and val[0]['miou'] == pytest.approx(result['miou'])
-  assert os.path.exists(tmp_path / 'config.json')
+  val, = records(str(tmp_path), 'val')
+  assert val['step'] == 30 and val['miou'] == pytest.approx(result['miou']) and val['final']
+  recorded = json.loads((tmp_path / 'config.json').read_text())
+  assert recorded['model']['width'] == 8
+  assert recorded['resolved']['conv_impl'] == 'cpu_gemm'  # 'auto' on the CPU backend
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(tmp_path))
 
 
-def test_resume_gives_identical_params_and_metrics(data_dir, tmp_path):
+def test_every_validation_records_the_best_and_restore_best_loads_it(straight):
+  config, workdir, result = straight
+  val = records(workdir, 'val')
+  assert [r['step'] for r in val] == [2, 4, 6]
+  assert val[-1]['final'] and not any(r.get('final') for r in val[:-1])
+  for i, row in enumerate(val):
+    best = max(val[:i + 1], key=lambda r: r['miou'])  # the first of equal values stays best
+    assert (row['best_step'], row['best_miou']) == (best['step'], best['miou'])
+  assert result['miou'] == val[-1]['miou']
+  variables, step = restored(config, workdir, 'best')
+  assert step == val[-1]['best_step']
+  assert_same_variables(variables, restored(config, workdir, step)[0])
+  assert restored(config, workdir, 'latest')[1] == 6
+
+
+def test_evaluate_the_best_and_a_numbered_checkpoint(straight, tmp_path):
+  config, workdir, _ = straight
+  copy = str(tmp_path / 'copy')
+  shutil.copytree(workdir, copy)
+  val = {r['step']: r for r in records(workdir, 'val')}
+  best_step = val[6]['best_step']
+  for restore, step in (('best', best_step), ('4', 4)):
+    config = config.copy_and_resolve_references()
+    config.restore = restore
+    result = train.evaluate(config, copy)
+    row = records(copy, 'val')[-1]
+    assert (row['step'], row['restore']) == (step, restore)
+    # The same weights on the same split as the validation during training.
+    assert row['miou'] == result['miou'] == val[step]['miou']
+    assert row['loss'] == pytest.approx(val[step]['loss'], rel=1e-6)
+
+
+def test_resume_gives_identical_params_and_metrics(straight, tmp_path):
+  config, workdir, _ = straight
+  config = config.copy_and_resolve_references()
+  resumed = str(tmp_path)
+  config.num_train_steps = 4
+  train.train_and_evaluate(config, resumed)
+  config.num_train_steps = 6
+  train.train_and_evaluate(config, resumed)
+  assert records(workdir) == records(resumed)
+  # The 4-step run's last validation was its final one.
+  assert [r.pop('final', False) for r in records(resumed, 'val')] == [False, True, True]
+  assert [{k: v for k, v in r.items() if k != 'final'} for r in records(workdir, 'val')] == [
+      {k: v for k, v in r.items() if k != 'final'} for r in records(resumed, 'val')]
+  assert [r['step'] for r in records(resumed)] == [1, 2, 3, 4, 5, 6]
+  assert_same_variables(restored(config, workdir)[0], restored(config, resumed)[0])
+
+
+def test_first_signal_saves_and_stops_then_the_rerun_is_identical(straight, tmp_path,
+                                                                   monkeypatch):
+  config, workdir, _ = straight
+  calls = []
+  real_shard_batch = experiment.shard_batch
+
+  def signal_during_step_3(batch, mesh):
+    calls.append(1)
+    if len(calls) == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real_shard_batch(batch, mesh)
+
+  monkeypatch.setattr(experiment, 'shard_batch', signal_during_step_3)
+  with pytest.raises(preemption.Preempted, match=r'stopped by a signal after step 3: checkpoint '
+                                                 r'saved in .*checkpoints'):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert list(checkpointing.create_manager(str(tmp_path), read_only=True).all_steps()) == [2, 3]
+  monkeypatch.setattr(experiment, 'shard_batch', real_shard_batch)
+  train.train_and_evaluate(config, str(tmp_path))
+  assert records(workdir, 'val') == records(str(tmp_path), 'val')
+  # Train rows of whole log intervals are identical (log_every_steps=1 here: all of them).
+  assert records(workdir) == records(str(tmp_path))
+  assert_same_variables(restored(config, workdir)[0], restored(config, str(tmp_path))[0])
+
+
+def test_final_validation_is_part_of_completion(straight, tmp_path):
+  config, workdir, _ = straight
+  rerun = str(tmp_path / 'rerun')
+  for name in ('checkpoints', 'best'):
+    shutil.copytree(os.path.join(workdir, name), os.path.join(rerun, name))
+  lines = pathlib.Path(workdir, 'metrics.jsonl').read_text().splitlines(keepends=True)
+  final = [i for i, line in enumerate(lines) if json.loads(line).get('final')]
+  assert len(final) == 1
+  # As if killed during the final validation: everything but its row.
+  pathlib.Path(rerun, 'metrics.jsonl').write_text(''.join(lines[:final[0]]))
+  pathlib.Path(rerun, 'config.json').write_text(pathlib.Path(workdir, 'config.json').read_text())
+  result = train.train_and_evaluate(config, rerun)
+  assert records(rerun, 'val') == records(workdir, 'val')
+  assert result['miou'] == records(workdir, 'val')[-1]['miou']
+  assert train.train_and_evaluate(config, rerun) == {}  # complete: nothing to do
+  assert records(rerun, 'val') == records(workdir, 'val')
+
+
+def test_a_different_model_is_refused_before_anything_is_written(straight):
+  config, workdir, _ = straight
+  before = {name: pathlib.Path(workdir, name).read_bytes()
+            for name in ('config.json', 'metrics.jsonl')}
+  config = config.copy_and_resolve_references()
+  config.model.width = 16
+  with pytest.raises(writers.ConfigMismatchError, match='model.width'):
+    train.train_and_evaluate(config, workdir)
+  assert before == {name: pathlib.Path(workdir, name).read_bytes() for name in before}
+
+
+def test_failed_save_stops_the_run_at_once(data_dir, tmp_path, monkeypatch):
   config = tiny_config(data_dir)
-  config.num_train_steps = 6
-  config.eval_every_steps = 3
-  straight, resumed = str(tmp_path / 'straight'), str(tmp_path / 'resumed')
-  train.train_and_evaluate(config, straight)
-  config.num_train_steps = 3
-  train.train_and_evaluate(config, resumed)
-  config.num_train_steps = 6
-  train.train_and_evaluate(config, resumed)
+  config.checkpoint_every_steps = 2
 
-  for split in ('train', 'val'):
-    assert train_records(straight, split) == train_records(resumed, split)
-  assert [r['step'] for r in train_records(resumed)] == [1, 2, 3, 4, 5, 6]
-  a, b = flat(train.restore_variables(config, straight)), flat(train.restore_variables(config,
-                                                                                       resumed))
-  assert a.keys() == b.keys()
-  for key in a:
-    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  def failing_save(manager, step, state, data_iterator):
+    raise checkpointing.CheckpointSaveError(f'cannot write {tmp_path}/checkpoints/{step}: '
+                                            'No space left on device')
 
-
-def one_step(config, devices, batch):
-  model = models.create_model(config.model)
-  tx = optim.create_optimizer(config.optim)
-  mesh = train.create_mesh(devices)
-  state = train.create_train_state(config, model, tx, mesh)
-  step = train.make_train_step(model, losses.make_loss(config.loss), tx,
-                               optim.schedule(config.optim), mesh, config.seed)
-  state, metrics = step(state, train.shard_batch(batch, mesh))
-  return jax.device_get(metrics), flat({'params': state.params,
-                                        'batch_stats': state.batch_stats})
+  monkeypatch.setattr(checkpointing, 'save', failing_save)
+  with pytest.raises(checkpointing.CheckpointSaveError, match='No space left on device'):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert [r['step'] for r in records(str(tmp_path))] == [1, 2]
 
 
 def test_eight_devices_equal_one_device_after_a_step(data_dir):
@@ -174,9 +290,9 @@ def test_eight_devices_equal_one_device_after_a_step(data_dir):
   config.data.batch_size = 16
   batch = next(data.create_train_iterator(config.data, config.seed, 0, 1))
   assert len(jax.devices()) == 8
-  metrics_1, variables_1 = one_step(config, jax.devices()[:1], batch)
-  metrics_8, variables_8 = one_step(config, jax.devices(), batch)
-  assert_same_step(metrics_8, variables_8, metrics_1, variables_1, initial_variables(config))
+  loss_1, variables_1 = one_step(config, jax.devices()[:1], batch)
+  loss_8, variables_8 = one_step(config, jax.devices(), batch)
+  assert_same_step(loss_8, variables_8, loss_1, variables_1, initial_variables(config))
 
 
 def test_nan_loss_stops_and_last_checkpoint_restores(data_dir, tmp_path, monkeypatch):
@@ -184,7 +300,7 @@ def test_nan_loss_stops_and_last_checkpoint_restores(data_dir, tmp_path, monkeyp
   config.checkpoint_every_steps = 2
   config.log_every_steps = 100
   calls = []
-  real_shard_batch = train.shard_batch
+  real_shard_batch = experiment.shard_batch
 
   def shard_batch_with_nan_at_step_4(batch, mesh):
     calls.append(1)
@@ -192,23 +308,23 @@ def test_nan_loss_stops_and_last_checkpoint_restores(data_dir, tmp_path, monkeyp
       batch = {**batch, 'image': np.full_like(batch['image'], np.nan)}
     return real_shard_batch(batch, mesh)
 
-  monkeypatch.setattr(train, 'shard_batch', shard_batch_with_nan_at_step_4)
+  monkeypatch.setattr(experiment, 'shard_batch', shard_batch_with_nan_at_step_4)
   workdir = str(tmp_path)
   with pytest.raises(train.NonFiniteLossError,
-                     match=r'training loss is nan at step 4; training stopped and the last good '
-                           r'checkpoint \(step 2\) in .*checkpoints is intact'):
+                     match=r'training loss is nan within steps 3-4; training stopped and the last '
+                           r'good checkpoint \(step 2\) in .*checkpoints is intact'):
     train.train_and_evaluate(config, workdir)
   manager = checkpointing.create_manager(workdir, read_only=True)
   assert list(manager.all_steps()) == [2]
-  variables = flat(train.restore_variables(config, workdir))
-  assert all(np.isfinite(v).all() for v in variables.values())
+  variables, step = restored(config, workdir)
+  assert step == 2 and all(np.isfinite(v).all() for v in flat(variables).values())
 
 
 def test_init_from_replaces_exactly_the_converted_leaves(data_dir, tmp_path, monkeypatch):
   from agrivision_jax import convert  # pylint: disable=g-import-not-at-top
   config = tiny_config(data_dir)
-  model = models.create_model(config.model)
-  fresh = jax.device_get(train.initial_variables(config, model))
+  model = experiment.create_model(config)
+  fresh = jax.device_get(experiment.initial_variables(config, model))
   kernel = fresh['params']['backbone']['conv1']['kernel']
   loaded = {'params': {'backbone': {'conv1': {'kernel': np.full(kernel.shape, 0.25)}}},
             'batch_stats': {'backbone': {'bn1': {'mean': np.full((8,), 0.5)}}}}
@@ -216,7 +332,7 @@ def test_init_from_replaces_exactly_the_converted_leaves(data_dir, tmp_path, mon
   monkeypatch.setattr(convert, 'load_variables',
                       lambda directory, model_config: calls.append(directory) or loaded)
   config.init_from = str(tmp_path / 'converted')
-  merged = flat(train.initial_variables(config, model))
+  merged = flat(experiment.initial_variables(config, model))
   assert calls == [config.init_from]
   expected = flat(fresh)
   expected["['params']['backbone']['conv1']['kernel']"] = np.full(kernel.shape, 0.25, np.float32)
@@ -224,23 +340,26 @@ def test_init_from_replaces_exactly_the_converted_leaves(data_dir, tmp_path, mon
   assert merged.keys() == expected.keys()
   for key in expected:
     np.testing.assert_array_equal(merged[key], expected[key], err_msg=key)
-  # Without a checkpoint in the workdir, restore_variables falls back to init_from.
-  restored = flat(train.restore_variables(config, str(tmp_path / 'untrained')))
-  np.testing.assert_array_equal(restored["['params']['backbone']['conv1']['kernel']"], 0.25)
+  # Without a checkpoint in the workdir, restore 'latest' falls back to init_from.
+  variables, step = restored(config, str(tmp_path / 'untrained'))
+  assert step == 0
+  np.testing.assert_array_equal(flat(variables)["['params']['backbone']['conv1']['kernel']"],
+                                0.25)
 
   loaded['params']['backbone']['conv9'] = {'kernel': np.zeros((1,))}
   with pytest.raises(ValueError, match=r"config.init_from=.*converted: variables the model does "
                                        r"not have: \['params/backbone/conv9/kernel'\]"):
-    train.initial_variables(config, model)
+    experiment.initial_variables(config, model)
   del loaded['params']['backbone']['conv9']
   loaded['params']['backbone']['conv1']['kernel'] = np.zeros((7, 7, 3, 8))
   with pytest.raises(ValueError, match=r'shape mismatch: \[.params/backbone/conv1/kernel: '
                                        r'\(7, 7, 3, 8\) vs model \(7, 7, 4, 8\)'):
-    train.initial_variables(config, model)
+    experiment.initial_variables(config, model)
 
 
-def test_restore_without_checkpoint_or_init_from_names_the_workdir(data_dir, tmp_path):
+@pytest.mark.parametrize('restore', ['latest', 'best', 3])
+def test_restore_without_checkpoint_names_the_workdir(data_dir, tmp_path, restore):
   config = tiny_config(data_dir)
-  with pytest.raises(FileNotFoundError, match=f'no checkpoint in {tmp_path}/checkpoints and '
-                                              'config.init_from is empty'):
-    train.restore_variables(config, str(tmp_path))
+  with pytest.raises(FileNotFoundError, match=f'{tmp_path}.*train into --workdir={tmp_path} '
+                                              'first or set --config.init_from'):
+    restored(config, str(tmp_path), restore)
