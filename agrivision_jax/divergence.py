@@ -16,6 +16,7 @@ batch in float64 on the host (Chan et al.'s pairwise update), so no feature is k
 
 import dataclasses
 import functools
+import io
 import json
 import os
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -34,6 +35,8 @@ from agrivision_jax import configuration
 from agrivision_jax import data as data_lib
 from agrivision_jax import experiment
 from agrivision_jax import models
+from agrivision_jax import overlay
+from agrivision_jax import workdir as workdir_lib
 from agrivision_jax.progress import Progress
 
 PAIRINGS = ('replicate', 'zero')
@@ -211,14 +214,15 @@ def modality_inputs(images: jax.Array, in_channels: int,
           jnp.concatenate([jnp.repeat(nir, 3, axis=-1), zero], axis=-1))
 
 
-def plot_divergence(runs: Sequence[tuple[str, Sequence[Mapping[str, Any]]]], path: str,
+def plot_divergence(runs: Sequence[tuple[str, Sequence[Mapping[str, Any]]]],
+                    path: str | os.PathLike,
                     title: str = 'RGB vs NIR feature divergence') -> None:
   """Saves a Figure-2-style plot: divergence against layer index, one line per run.
 
   Args:
     runs: (label, layers) pairs; layers as in divergence.json: dicts with 'index', 'name',
       'divergence' (None: not plotted).
-    path: output image path (PNG).
+    path: output image path (PNG), local or a URL (gs://...); its folder is created.
     title: the plot title.
   """
   figure = Figure(figsize=(9, 4.2), dpi=120)
@@ -243,8 +247,7 @@ def plot_divergence(runs: Sequence[tuple[str, Sequence[Mapping[str, Any]]]], pat
   if any(label for label, _ in runs):
     axis.legend(fontsize=8)
   figure.tight_layout()
-  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  figure.savefig(path)
+  overlay.save_figure(path, figure)
 
 
 def channel_means(model: nn.Module, variables: Mapping[str, Any], images: jax.Array,
@@ -381,8 +384,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   Loads the workdir's latest checkpoint (else ``config.init_from``; or a fresh initialisation with
   ``config.divergence.random_init``), streams ``config.divergence.split`` through it and writes,
-  on process 0, into ``workdir``: ``divergence.json`` (settings and per-layer name, channels,
-  divergence), ``divergence_stats.npz`` (the per-channel fits: '<layer>/mean_a', 'var_a',
+  on process 0, into ``workdir`` (local or a URL such as gs://..., through ``etils.epath``):
+  ``divergence.json`` (settings and per-layer name, channels, divergence),
+  ``divergence_stats.npz`` (the per-channel fits: '<layer>/mean_a', 'var_a',
   'mean_b', 'var_b', and 'count', the number of samples: images, or batches with
   ``config.divergence.pooling='batch'``) and ``divergence.png`` (divergence against layer index).
 
@@ -447,19 +451,23 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   return result
 
 
-def _write_outputs(workdir: str, result: Mapping[str, Any],
+def _write_outputs(workdir: str | os.PathLike, result: Mapping[str, Any],
                    stats_a: Mapping[str, ChannelStats],
                    stats_b: Mapping[str, ChannelStats]) -> None:
-  """Writes divergence.json, divergence_stats.npz and divergence.png into ``workdir``."""
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'divergence.json'), 'w') as f:
-    json.dump(result, f, indent=2)
+  """Writes divergence.json, divergence_stats.npz and divergence.png into ``workdir`` (local or a
+  URL, through ``etils.epath``)."""
+  out = workdir_lib.path(workdir)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / 'divergence.json').write_text(json.dumps(result, indent=2))
   arrays = {'count': np.asarray(next(iter(stats_a.values())).count)}
   for name in stats_a:
     arrays.update({f'{name}/mean_a': stats_a[name].mean, f'{name}/var_a': stats_a[name].variance(),
                    f'{name}/mean_b': stats_b[name].mean, f'{name}/var_b': stats_b[name].variance()})
-  np.savez(os.path.join(workdir, 'divergence_stats.npz'), **arrays)
+  buffer = io.BytesIO()   # zip seeks back when it can; object stores' write streams cannot
+  np.savez(buffer, **arrays)
+  with (out / 'divergence_stats.npz').open('wb') as f:
+    f.write(buffer.getvalue())
   settings = result['settings']
   title = (f"{settings['arch']} ibn={settings['ibn_mode']}: A={settings['input_a']} vs "
            f"B={settings['input_b']}, {settings['split']} ({settings['num_images']} images)")
-  plot_divergence([('', result['layers'])], os.path.join(workdir, 'divergence.png'), title=title)
+  plot_divergence([('', result['layers'])], out / 'divergence.png', title=title)

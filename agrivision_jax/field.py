@@ -9,12 +9,18 @@ the image and nodata pixels are 255.
 
 Memory: one window row (a strip of image_size rows) of input and of summed logits is held at a
 time; finished rows are argmaxed and streamed to the writer (docs/field.md).
+
+Outputs go to a local folder or a URL (gs://...) through ``etils.epath``. The class map writers
+(tifffile, rasterio, PIL) need a local file: for a URL output folder the class map is written to a
+temporary file under ``tempfile.gettempdir()`` (which must have room for it) and copied up when
+complete (``_write_class_map``).
 """
 
 import functools
 import json
 import math
 import os
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -26,6 +32,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image
@@ -35,6 +42,7 @@ from agrivision_jax import experiment
 from agrivision_jax import field_io
 from agrivision_jax import overlay
 from agrivision_jax import tta as tta_lib
+from agrivision_jax import workdir as workdir_lib
 from agrivision_jax.data import BadFileError
 from agrivision_jax.progress import Progress
 
@@ -237,7 +245,7 @@ class _Summary:
       yield classes
 
 
-def _write_previews(stem: str, out_dir: str, summary: _Summary,
+def _write_previews(stem: str, out_dir: epath.Path, summary: _Summary,
                     class_names: Sequence[str]) -> tuple[str, str]:
   """Writes <stem>_preview.png (RGB with the non-background classes blended in, nodata grey) and
   <stem>_overlay.png (RGB | NIR | prediction with legend); returns their paths."""
@@ -248,19 +256,44 @@ def _write_previews(stem: str, out_dir: str, summary: _Summary,
   blend = np.where((valid & (shown > 0))[..., None],
                    (image[..., :3].astype(np.uint16) + colours) // 2, image[..., :3])
   blend = np.where(valid[..., None], blend, colours).astype(np.uint8)
-  preview = os.path.join(out_dir, f'{stem}_preview.png')
-  Image.fromarray(blend).save(preview)
-  figure = os.path.join(out_dir, f'{stem}_overlay.png')
+  preview = out_dir / f'{stem}_preview.png'
+  overlay.save_png(preview, Image.fromarray(blend))
+  figure = out_dir / f'{stem}_overlay.png'
   step = max(1, math.ceil(max(shown.shape) / FIGURE_PIXELS))
   overlay.save_overlay(figure, image[::step, ::step], shown[::step, ::step],
                        valid[::step, ::step], class_names, title=stem)
-  return preview, figure
+  return str(preview), str(figure)
+
+
+def _write_class_map(path: epath.Path, blocks: Iterator[np.ndarray], source: FieldSource) -> None:
+  """``field_io.write_class_map`` to ``path``, local or a URL.
+
+  tifffile, rasterio and PIL write local files only: for a URL (its str has '://') the map is
+  written to a temporary file under ``tempfile.gettempdir()``, copied to ``path`` with
+  ``epath`` (overwriting) once complete, and the temporary file removed.
+  """
+  def write(local: str) -> None:
+    field_io.write_class_map(local, blocks, source.height, source.width, source.georef,
+                             source.backend, NODATA_CLASS)
+
+  if '://' not in str(path):
+    write(os.fspath(path))
+    return
+  handle, local = tempfile.mkstemp(prefix=f'{path.stem}_', suffix=path.suffix,
+                                   dir=tempfile.gettempdir())
+  os.close(handle)
+  try:
+    write(local)
+    epath.Path(local).copy(path, overwrite=True)
+  finally:
+    os.remove(local)
 
 
 def predict_field(source: FieldSource, forward: Callable[[np.ndarray], jax.Array],
-                  config: ml_collections.ConfigDict, out_dir: str, stem: str,
+                  config: ml_collections.ConfigDict, out_dir: str | os.PathLike, stem: str,
                   class_names: Sequence[str]) -> dict[str, Any]:
-  """Runs ``infer_field`` on one field and writes its class map, previews and JSON summary.
+  """Runs ``infer_field`` on one field and writes its class map, previews and JSON summary into
+  ``out_dir`` (an existing folder, local or a URL).
 
   Returns:
     The summary written to <out_dir>/<stem>.json: inputs, size, windows, class map path,
@@ -277,10 +310,10 @@ def predict_field(source: FieldSource, forward: Callable[[np.ndarray], jax.Array
   blocks = infer_field(source, forward, tile=tile, overlap=settings.overlap,
                        batch_size=settings.batch_size, modality=config.data.modality,
                        progress=progress.update)
-  class_map = os.path.join(out_dir, f'{stem}_classes.{"tif" if source.is_tiff else "png"}')
+  out_dir = epath.Path(out_dir)
+  class_map = out_dir / f'{stem}_classes.{"tif" if source.is_tiff else "png"}'
   start = time.perf_counter()
-  field_io.write_class_map(class_map, summary.watch(blocks), height, width, source.georef,
-                           source.backend, NODATA_CLASS)
+  _write_class_map(class_map, summary.watch(blocks), source)
   seconds = time.perf_counter() - start
   rate = progress.finish()
   preview, figure = _write_previews(stem, out_dir, summary, class_names)
@@ -289,7 +322,8 @@ def predict_field(source: FieldSource, forward: Callable[[np.ndarray], jax.Array
   result = {
       'inputs': list(source.paths), 'height': height, 'width': width, 'tile': tile,
       'overlap': settings.overlap, 'tta': settings.tta, 'windows': count,
-      'class_map': class_map, 'preview': preview, 'overlay': figure, 'backend': source.backend,
+      'class_map': str(class_map), 'preview': preview, 'overlay': figure,
+      'backend': source.backend,
       'classes': {name: {'pixels': int(summary.counts[c]),
                          'fraction': float(summary.counts[c] / max(valid_pixels, 1))}
                   for c, name in enumerate(class_names)},
@@ -300,8 +334,7 @@ def predict_field(source: FieldSource, forward: Callable[[np.ndarray], jax.Array
                         'transform': list(georef.transform), 'pixel_area': georef.pixel_area}
     for entry in result['classes'].values():
       entry['area'] = entry['pixels'] * georef.pixel_area
-  with open(os.path.join(out_dir, f'{stem}.json'), 'w') as f:
-    json.dump(result, f, indent=2)
+  (out_dir / f'{stem}.json').write_text(json.dumps(result, indent=2))
   return result
 
 
@@ -313,8 +346,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """``--mode=field``: class maps of every field in config.field.inputs with the workdir's model.
 
   Per field <stem> (the first file's name without suffix) in config.field.output_dir ('' =
-  <workdir>/field): <stem>_classes.tif (TIFF input; GeoTIFF tags kept) or .png, <stem>_preview.png,
-  <stem>_overlay.png and <stem>.json (``predict_field``).
+  <workdir>/field; local or a URL such as gs://..., see the module docstring): <stem>_classes.tif
+  (TIFF input; GeoTIFF tags kept) or .png, <stem>_preview.png, <stem>_overlay.png and <stem>.json
+  (``predict_field``).
 
   Returns:
     {'output_dir', 'fields': [the per-field summaries]}.
@@ -344,8 +378,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   variables = experiment.restore_variables(config, workdir, mesh)
   forward = make_forward(model, variables, mesh, settings.tta,
                          window_weight(config.data.image_size, settings.overlap))
-  out_dir = settings.output_dir or os.path.join(workdir, 'field')
-  os.makedirs(out_dir, exist_ok=True)
+  out_dir = (workdir_lib.path(settings.output_dir) if settings.output_dir
+             else workdir_lib.path(workdir) / 'field')
+  out_dir.mkdir(parents=True, exist_ok=True)
   class_names = data_lib.class_names(config.data.version)
   results = []
   with field_io.raster_environment(backend):
@@ -355,4 +390,4 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       finally:
         source.close()
       logging.info('field %s: %s', stem, results[-1]['class_map'])
-  return {'output_dir': out_dir, 'fields': results}
+  return {'output_dir': str(out_dir), 'fields': results}

@@ -1,4 +1,7 @@
-"""Submission PNGs and Figure-3-style overlays (RGB | NIR | ground truth | prediction, with legend)."""
+"""Submission PNGs and Figure-3-style overlays (RGB | NIR | ground truth | prediction, with legend).
+
+Output paths may be local paths or URLs (gs://...): files are written through ``etils.epath``.
+"""
 
 import os
 from typing import Sequence
@@ -6,6 +9,7 @@ from typing import Sequence
 import matplotlib
 import numpy as np
 from matplotlib import patches
+from etils import epath
 from matplotlib.figure import Figure
 from PIL import Image
 
@@ -41,21 +45,37 @@ def colourise(index_map: np.ndarray, num_classes: int,
   return rgb
 
 
-def write_index_png(path: str, index_map: np.ndarray) -> None:
-  """Writes a class index map (H, W) with values in [0, 255] as a single-channel uint8 PNG."""
+def save_png(path: str | os.PathLike, image: Image.Image) -> None:
+  """Saves ``image`` as a PNG at ``path`` (local or a URL) through ``epath``; the folder must
+  exist."""
+  with epath.Path(path).open('wb') as f:
+    image.save(f, format='PNG')
+
+
+def write_index_png(path: str | os.PathLike, index_map: np.ndarray) -> None:
+  """Writes a class index map (H, W) with values in [0, 255] as a single-channel uint8 PNG (the
+  folder must exist)."""
   if index_map.ndim != 2 or index_map.min(initial=0) < 0 or index_map.max(initial=0) > 255:
     raise ValueError(f'{path}: expected a (H, W) map of values in [0, 255], got shape '
                      f'{index_map.shape}')
-  Image.fromarray(index_map.astype(np.uint8), mode='L').save(path)
+  save_png(path, Image.fromarray(index_map.astype(np.uint8), mode='L'))
 
 
-def save_overlay(path: str, image: np.ndarray, prediction: np.ndarray, valid: np.ndarray,
-                 class_names: Sequence[str], labels: np.ndarray | None = None,
+def save_figure(path: str | os.PathLike, figure: Figure) -> None:
+  """Saves a matplotlib ``figure`` as a PNG at ``path`` (local or URL), creating its folder."""
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open('wb') as f:
+    figure.savefig(f, format='png')
+
+
+def save_overlay(path: str | os.PathLike, image: np.ndarray, prediction: np.ndarray,
+                 valid: np.ndarray, class_names: Sequence[str], labels: np.ndarray | None = None,
                  title: str = '') -> None:
   """Saves a side-by-side figure: RGB, NIR, ground truth (if ``labels``), prediction, and a legend.
 
   Args:
-    path: output PNG path.
+    path: output PNG path, local or a URL (its folder is created).
     image: (H, W, 4) uint8 R, G, B, NIR.
     prediction: (H, W) int class indices.
     valid: (H, W) bool; pixels outside the boundary or mask are grey in the label panels.
@@ -85,5 +105,4 @@ def save_overlay(path: str, image: np.ndarray, prediction: np.ndarray, valid: np
   if title:
     figure.suptitle(title, fontsize=10)
   figure.subplots_adjust(left=0.01, right=0.99, top=0.88, bottom=0.15, wspace=0.04)
-  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  figure.savefig(path)
+  save_figure(path, figure)

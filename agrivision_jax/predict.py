@@ -9,6 +9,9 @@ labelled split the official challenge mIoU of exactly these predictions is logge
 saved as ``<workdir>/predictions/<split>_tta_<mode>.json``, so TTA gains read off directly.
 
 Memory stays flat: one batch is in flight on the device while the previous one is written.
+
+The workdir may be a URL (gs://...): every output is written through ``etils.epath``. With several
+processes each writes the PNGs of its own tiles; the overlays and the JSON come from process 0.
 """
 
 import functools
@@ -23,6 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -32,6 +36,7 @@ from agrivision_jax import experiment
 from agrivision_jax import metrics as metrics_lib
 from agrivision_jax import overlay
 from agrivision_jax import tta as tta_lib
+from agrivision_jax import workdir as workdir_lib
 from agrivision_jax.data import layout
 from agrivision_jax.progress import Progress
 
@@ -95,18 +100,18 @@ def _fetch(dispatched: tuple, mesh: jax.sharding.Mesh
 
 
 def write_predictions(results: Iterable[tuple[Mapping[str, np.ndarray], np.ndarray, np.ndarray]],
-                      out_dir: str, class_names: Sequence[str], *, labelled: bool,
-                      overlay_dir: str = '', num_overlays: int = 0,
+                      out_dir: str | os.PathLike, class_names: Sequence[str], *, labelled: bool,
+                      overlay_dir: str | os.PathLike = '', num_overlays: int = 0,
                       overlay_image: Callable[[int], Mapping[str, Any]] | None = None,
                       progress: Callable[[int], None] = lambda count: None) -> dict[str, float]:
   """Writes one ``<id>.png`` per tile, overlays of the first tiles, and accumulates the mIoU.
 
   Args:
     results: from ``predict_batches``.
-    out_dir: folder for the index PNGs (created).
+    out_dir: folder for the index PNGs (created), a local path or a URL.
     class_names: the C class names (legend of the overlays, metric names).
     labelled: the split has labels: accumulate the official confusion matrix.
-    overlay_dir: folder for the overlay figures (created when num_overlays > 0).
+    overlay_dir: folder for the overlay figures (created when num_overlays > 0), local or a URL.
     num_overlays: number of tiles, in order, that get an overlay.
     overlay_image: k -> the k-th tile's source example ({'image': uint8 (H, W, 4) R,G,B,NIR,
       'labels', 'valid', 'id'}), for the overlay's raw pictures.
@@ -115,7 +120,9 @@ def write_predictions(results: Iterable[tuple[Mapping[str, np.ndarray], np.ndarr
   Returns:
     {'num_tiles'} plus, when labelled, {'miou', 'iou/<class>'} of the written predictions.
   """
-  os.makedirs(out_dir, exist_ok=True)
+  out_dir = epath.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  overlay_dir = epath.Path(overlay_dir)   # save_overlay creates it with the first overlay
   metric = metrics_lib.ConfusionMetric(num_classes=len(class_names),
                                        class_names=tuple(class_names))
   count = 0
@@ -127,13 +134,13 @@ def write_predictions(results: Iterable[tuple[Mapping[str, np.ndarray], np.ndarr
     for row, tile_id in enumerate(ids):
       if not tile_id:
         continue
-      overlay.write_index_png(os.path.join(out_dir, f'{tile_id}.png'), prediction[row])
+      overlay.write_index_png(out_dir / f'{tile_id}.png', prediction[row])
       if count < num_overlays:
         example = overlay_image(count)
         if example['id'] != tile_id:
           raise ValueError(f'overlay {count}: the source has tile {example["id"]!r} where the '
                            f'eval iterator gave {tile_id!r}')
-        overlay.save_overlay(os.path.join(overlay_dir, f'{tile_id}.png'), example['image'],
+        overlay.save_overlay(overlay_dir / f'{tile_id}.png', example['image'],
                              prediction[row], example['valid'], class_names,
                              example['labels'] if labelled else None, title=tile_id)
       count += 1
@@ -168,18 +175,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   index, count = jax.process_index(), jax.process_count()
   source = data_lib.create_source(data_config, split)
   batches = data_lib.create_eval_iterator(data_config, split, index, count)
-  predictions_dir = os.path.join(workdir, 'predictions')
-  out_dir = os.path.join(predictions_dir, split)
+  predictions_dir = workdir_lib.path(workdir) / 'predictions'
+  out_dir = predictions_dir / split
   progress = Progress(f'predict {split} (tta {settings.tta})',
                       math.ceil((len(source) - index) / count))
   result = write_predictions(
       predict_batches(model, variables, batches, mesh, settings.tta), out_dir,
       data_lib.class_names(config.data.version), labelled=labelled,
-      overlay_dir=os.path.join(predictions_dir, f'{split}_overlays'),
+      overlay_dir=predictions_dir / f'{split}_overlays',
       num_overlays=settings.num_overlays if index == 0 else 0,
       overlay_image=lambda k: source[index + k * count], progress=progress.update)
   result = {'split': split, 'tta': settings.tta, 'modality': config.data.modality,
-            'tiles_per_second': progress.finish(), 'output_dir': out_dir, **result}
+            'tiles_per_second': progress.finish(), 'output_dir': str(out_dir), **result}
   if labelled:
     line = (f"predict {split} tta={settings.tta}: mIoU {result['miou']:.4f} over "
             f"{result['num_tiles']} tiles  " + '  '.join(
@@ -187,7 +194,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     logging.info(line)
     print(line)
     if index == 0:
-      with open(os.path.join(predictions_dir, f'{split}_tta_{settings.tta}.json'), 'w') as f:
-        json.dump(result, f, indent=2)
+      (predictions_dir / f'{split}_tta_{settings.tta}.json').write_text(
+          json.dumps(result, indent=2))
   logging.info('predict %s: %d PNGs in %s', split, result['num_tiles'], out_dir)
   return result

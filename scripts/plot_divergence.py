@@ -3,7 +3,8 @@
 Example (ResNet-101 vs IBN-Net101-a vs IBN-Net101-s):
   python scripts/plot_divergence.py workdirs/r101 workdirs/ibn101_a workdirs/ibn101_s \
       --labels=ResNet-101,IBN-Net101-a,IBN-Net101-s --out=divergence_r101.png
-Each argument is a divergence.json file or a workdir holding one.
+Each argument is a divergence.json file or a workdir holding one; runs and --out may be local
+paths or URLs (gs://...), read and written through etils.epath.
 """
 
 import argparse
@@ -11,19 +12,21 @@ import json
 import os
 import sys
 
+from etils import epath
+
 from agrivision_jax import divergence
 
 
 def load_run(path: str) -> dict:
-  """Reads divergence.json from ``path`` (the file, or a workdir containing it)."""
-  if os.path.isdir(path):
-    path = os.path.join(path, 'divergence.json')
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'{path}: no such divergence.json (run --mode=divergence first)')
-  with open(path) as f:
-    run = json.load(f)
+  """Reads divergence.json from ``path`` (the file, or a workdir containing it; local or a URL)."""
+  file = epath.Path(path)
+  if file.is_dir():
+    file = file / 'divergence.json'
+  if not file.is_file():
+    raise FileNotFoundError(f'{file}: no such divergence.json (run --mode=divergence first)')
+  run = json.loads(file.read_text())
   if 'layers' not in run or 'settings' not in run:
-    raise ValueError(f'{path}: not a divergence.json (needs "layers" and "settings")')
+    raise ValueError(f'{file}: not a divergence.json (needs "layers" and "settings")')
   return run
 
 
@@ -51,7 +54,7 @@ def main(argv: list[str]) -> None:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('runs', nargs='+', help='divergence.json files or workdirs')
   parser.add_argument('--labels', default='', help='comma-separated legend labels, one per run')
-  parser.add_argument('--out', required=True, help='output PNG path')
+  parser.add_argument('--out', required=True, help='output PNG path (local or a URL)')
   parser.add_argument('--title', default='RGB vs NIR feature divergence')
   args = parser.parse_args(argv)
   runs = [load_run(path) for path in args.runs]
