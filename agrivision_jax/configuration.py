@@ -8,11 +8,11 @@ model's input channels and class count are not config fields: ``in_channels(conf
 """
 
 import dataclasses
-import os
 from collections.abc import Callable
 from typing import Any
 
 import ml_collections
+from etils import epath
 
 from agrivision_jax import tta
 from agrivision_jax.data import layout
@@ -270,13 +270,15 @@ def _check_group(config, field: str, batch_fields: tuple[str, ...], device_count
 
 
 def validate(config: ml_collections.ConfigDict, device_count: int = 1,
-             process_count: int = 1) -> None:
+             process_count: int = 1, *, training: bool = True) -> None:
   """Checks every field of the contract (``RULES``) and their combinations.
 
   Args:
     config: the experiment config (``agrivision_jax.configs.common.get_config``).
     device_count: devices the global batch is sharded over (``jax.device_count()``).
     process_count: processes that each load ``batch_size // process_count`` examples.
+    training: the run trains, so a full-size run must name its initial weights (``init_from``);
+      the other modes restore the workdir's checkpoint.
 
   Raises:
     ValueError: naming the first bad, missing or unknown field (or pair of fields) and the
@@ -313,19 +315,20 @@ def validate(config: ml_collections.ConfigDict, device_count: int = 1,
   _check(config.num_train_steps <= total, 'num_train_steps',
          f'({config.num_train_steps}) must not exceed config.optim.warmup_steps + constant_steps'
          f' + decay_steps ({total}): the poly schedule ends there')
-  needed = REQUIRED_BANDS[data.modality]
-  _check(set(needed) <= set(config.field.band_order), 'field.band_order',
-         f'({config.field.band_order!r}) must include {needed!r} for config.data.modality='
-         f'{data.modality!r}')
-  _check(config.field.overlap < data.image_size, 'field.overlap',
-         f'({config.field.overlap}) must be smaller than config.data.image_size '
-         f'({data.image_size}), the window size')
+  if config.field.inputs:  # the field mode's settings, checked against the model's tile
+    needed = REQUIRED_BANDS[data.modality]
+    _check(set(needed) <= set(config.field.band_order), 'field.band_order',
+           f'({config.field.band_order!r}) must include {needed!r} for config.data.modality='
+           f'{data.modality!r}')
+    _check(config.field.overlap < data.image_size, 'field.overlap',
+           f'({config.field.overlap}) must be smaller than config.data.image_size '
+           f'({data.image_size}), the window size')
 
   init_from = config.init_from
-  if not init_from and data.source != 'synthetic':
+  if training and not init_from and data.source != 'synthetic':
     _fail('init_from', f'is empty: a full-size run starts from ImageNet weights; download '
           f'{imagenet_weights(config)} and convert it with `{convert_command(config)}`, then '
           f"pass --config.init_from=<dir>; or pass --config.init_from={SCRATCH} to train from "
           'random initialisation')
-  if init_from and init_from != SCRATCH and not os.path.isdir(init_from):
+  if init_from and init_from != SCRATCH and not epath.Path(init_from).is_dir():
     raise FileNotFoundError(f'config.init_from: no such directory: {init_from}')

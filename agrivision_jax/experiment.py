@@ -141,15 +141,17 @@ def create_model(config: ml_collections.ConfigDict) -> flax.linen.Module:
                              num_classes=configuration.num_classes(config))
 
 
-def setup(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+def setup(config: ml_collections.ConfigDict, training: bool = True) -> jax.sharding.Mesh:
   """Starts multi-host JAX if asked, validates ``config``, logs the conv kernels; the mesh.
+
+  ``training``: the run trains (``configuration.validate``'s ``training``).
 
   Raises:
     ValueError: a bad config field, named; a multi-process environment without
       ``config.distributed``.
   """
   initialize_distributed(config)
-  configuration.validate(config, jax.device_count(), jax.process_count())
+  configuration.validate(config, jax.device_count(), jax.process_count(), training=training)
   logging.info('%d process(es), %d %s device(s); conv_impl %s -> %s', jax.process_count(),
                jax.device_count(), jax.default_backend(), config.model.conv_impl,
                models.resolve_conv_impl(config.model.conv_impl))
@@ -180,7 +182,7 @@ def setup_inference(config: ml_collections.ConfigDict, batch_size: int,
   Raises:
     ValueError: a bad config field, named; ``batch_size`` not divisible by the device count.
   """
-  mesh = setup(config)
+  mesh = setup(config, training=False)
   if batch_size % jax.device_count():
     raise ValueError(f'{batch_field}={batch_size} must be divisible by the number of devices '
                      f'({jax.device_count()})')

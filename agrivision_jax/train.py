@@ -325,7 +325,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str = 'val'
   Returns:
     {'loss', **``SegmentationMetric.compute()``} over every example of the split.
   """
-  mesh = experiment.setup(config)
+  mesh = experiment.setup(config, training=False)
   model = experiment.create_model(config)
   variables, step = experiment.restore_variables_and_step(config, workdir, mesh)
   names = data_lib.class_names(config.data.version)

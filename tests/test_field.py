@@ -63,7 +63,7 @@ def model_and_variables(tmp_path_factory):
 
 def use_variables(monkeypatch, variables, backend):
   """Makes field.run use ``variables`` (instead of a workdir checkpoint) and ``backend``."""
-  monkeypatch.setattr(train, 'restore_variables',
+  monkeypatch.setattr(experiment, 'restore_variables',
                       lambda config, workdir, mesh: checkpointing.place_replicated(variables, mesh))
   if backend == 'rasterio':
     pytest.importorskip('rasterio')

@@ -153,7 +153,7 @@ def test_predict_test_split_without_labels(trained_workdir):
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
   config = tiny_experiment_config(str(tmp_path / 'av'))
-  with pytest.raises(FileNotFoundError, match=f'no checkpoint in {tmp_path}'):
+  with pytest.raises(FileNotFoundError, match=f'no checkpoint directory {tmp_path}'):
     predict.run(config, str(tmp_path / 'empty_workdir'))
 
 
