@@ -3,10 +3,10 @@ import dataclasses
 import hashlib
 import json
 import os
-import secrets
 import shutil
 from typing import Any, Mapping
 
+from agrivision_jax import staging as staging_lib
 from agrivision_jax.convert.files import SourceFile, read_checkpoint, read_safetensors
 from agrivision_jax.convert.names import (flat_variables, flax_path_to_torch_key, join_path,
                                           state_dict_to_variables, torch_key_to_module_path,
@@ -163,11 +163,7 @@ def convert_file(input_path: str, output_dir: str, model_config: Mapping[str, An
   source = read_checkpoint(input_path)
   conversion = convert_state_dict(source.tensors, model_config, name=input_path)
   report = build_report(source, conversion, model_config, output_dir)
-  parent = os.path.dirname(os.path.abspath(output_dir))
-  os.makedirs(parent, exist_ok=True)
-  staging = os.path.join(parent, f'.{os.path.basename(os.path.abspath(output_dir))}.tmp-'
-                         f'{os.getpid()}-{secrets.token_hex(4)}')
-  os.mkdir(staging)
+  staging = staging_lib.staging_dir(output_dir)
   try:
     _write_directory(staging, conversion, report)
     if os.path.exists(output_dir):

@@ -33,12 +33,12 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
+from agrivision_jax import staging
 from agrivision_jax.data import layout
 
 METADATA_FILE = 'synthetic.json'
@@ -306,10 +306,7 @@ def ensure_synthetic(data_dir: str, num_train: int, num_val: int, num_test: int,
     if os.path.isdir(data_dir) and os.listdir(data_dir):
       raise ValueError(f'data.data_dir={data_dir!r} is not empty and holds no {METADATA_FILE}: '
                        'it is not a synthetic dataset; choose an empty or absent folder')
-    parent = os.path.dirname(os.path.abspath(data_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(os.path.abspath(data_dir))}.tmp-',
-                           dir=parent)
+    tmp = staging.staging_dir(data_dir)
     try:
       generate(tmp, num_train, num_val, num_test, size, seed, version)
       os.rename(tmp, data_dir)
