@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, 'scripts', 'benchmark.py')
 ENV = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'AGRIVISION_CPU_XLA_FLAGS': '0', 'PYTHONPATH': REPO}
@@ -15,6 +17,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
                         text=True, timeout=600, check=False)
 
 
+@pytest.mark.slow
 def test_rejects_bad_arguments_before_any_compute():
   result = _run('--config=configs/ibn_s.py:depth=50,demo', '--steps=0')
   assert result.returncode != 0
@@ -32,12 +35,11 @@ def test_rejects_bad_arguments_before_any_compute():
 # previous one (so that no XLA pass merges or removes them): 2 psums -> all-reduce,
 # all_gather, psum_scatter -> reduce-scatter, ppermute -> collective-permute, all_to_all.
 _HAND_BUILT = """
-import importlib.util, json, sys
+import importlib, json, sys
 import jax, jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
-spec = importlib.util.spec_from_file_location('benchmark', sys.argv[1])
-benchmark = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(benchmark)
+sys.path.insert(0, sys.argv[1])
+benchmark = importlib.import_module('benchmark')
 jax.config.update('jax_num_cpu_devices', 8)
 mesh = jax.make_mesh((8,), ('data',))
 
@@ -58,9 +60,10 @@ print(json.dumps({'sharded': benchmark.count_collectives(sharded.lower(x).compil
 """
 
 
+@pytest.mark.slow
 def test_count_collectives_of_a_hand_built_sharded_function():
-  result = subprocess.run([sys.executable, '-c', _HAND_BUILT, SCRIPT], cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=300, check=False)
+  result = subprocess.run([sys.executable, '-c', _HAND_BUILT, os.path.dirname(SCRIPT)], cwd=REPO,
+                          env=ENV, capture_output=True, text=True, timeout=300, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   counts = json.loads(result.stdout.strip().splitlines()[-1])
   assert counts['sharded'] == {
@@ -69,6 +72,7 @@ def test_count_collectives_of_a_hand_built_sharded_function():
   assert set(counts['local'].values()) == {0}
 
 
+@pytest.mark.slow
 def test_tiny_train_step_on_8_cpu_devices_reports_collectives_and_conv_impl():
   """The real sharded train step of a width-8 IBN-s model on 8 CPU devices: its synchronised
   norm statistics and gradients need all-reduces; the JSON names the resolved conv_impl."""

@@ -130,6 +130,7 @@ _FULL_DISK = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_failed_save_raises_at_once_naming_file_and_errno(tmp_path):
   workdir = str(tmp_path)
   result = subprocess.run([sys.executable, '-c', _FULL_DISK, workdir], capture_output=True,
@@ -245,6 +246,7 @@ def _run_two_processes(*args) -> list[str]:
   return outputs
 
 
+@pytest.mark.slow
 def test_two_processes_agree_to_skip_a_step_damaged_for_one_of_them(tmp_path):
   workdir = str(tmp_path)
   _run_two_processes(workdir, 'save')

@@ -4,7 +4,6 @@ import os
 import pathlib
 import re
 import shlex
-import sys
 import tempfile
 
 import ml_collections
@@ -135,6 +134,13 @@ def test_every_paper_row_is_documented_and_builds_its_row(tmp_path, monkeypatch)
       with pytest.raises(ValueError, match=re.escape(f'download {weights}')):
         configuration.validate(config, device_count=8, process_count=2)
       config.init_from = 'scratch'
+    elif config.init_from != 'scratch':
+      # The documented converted-weights folder must exist: validate names it until it does.
+      monkeypatch.chdir(tmp_path)
+      if not os.path.isdir(config.init_from):
+        with pytest.raises(FileNotFoundError, match=re.escape(config.init_from)):
+          configuration.validate(config, device_count=8, process_count=2)
+      os.makedirs(config.init_from, exist_ok=True)
     configuration.validate(config, device_count=8, process_count=2)
 
 
@@ -245,7 +251,7 @@ def test_main_without_a_dataset_says_how_to_get_one(tmp_path, monkeypatch):
   with pytest.raises(ValueError) as info:
     main_lib.run_mode('train', config, str(tmp_path / 'w'))
   message = str(info.value)
-  assert message.startswith('config.data.data_dir is empty')
+  assert message.startswith('no dataset: pass --config.data.data_dir=')
   assert '--config.data.data_dir=' in message and ':demo' in message
 
 
@@ -325,6 +331,7 @@ def test_bad_variants_name_themselves(arg, message):
 def test_validate_names_the_bad_field(field, value, message):
   config = load_config('resnet', '')
   config.data.data_dir, config.init_from = '/data/av', 'scratch'
+  config.field.inputs = 'farm.tif'  # the field checks that join fields run in field mode only
   configuration.validate(config, device_count=8)
   group, _, name = field.rpartition('.')
   parent = config
@@ -344,6 +351,7 @@ def test_validate_names_the_bad_field(field, value, message):
 def test_validate_accepts_the_allowed_values(field, value):
   config = load_config('resnet', '')
   config.data.data_dir, config.init_from = '/data/av', 'scratch'
+  config.field.inputs = 'farm.tif'
   group, _, name = field.rpartition('.')
   parent = config
   for part in filter(None, group.split('.')):
@@ -389,7 +397,15 @@ def test_validate_missing_field_and_missing_init_from(tmp_path):
     configuration.validate(config)
 
 
-def test_main_mode_without_its_module_is_a_clear_error(monkeypatch):
-  monkeypatch.setitem(sys.modules, 'agrivision_jax.predict', None)
-  with pytest.raises(ValueError, match=re.escape('--mode=predict is not available')):
-    main_lib.run_mode('predict', load_config('ibn_s', 'demo'), '/tmp/unused')
+@pytest.mark.parametrize('field, value', [('field.band_order', 'RGB'), ('field.overlap', 512)])
+def test_field_settings_are_joined_with_the_model_only_in_field_mode(field, value):
+  """Without config.field.inputs the field mode is not run: its tile settings are not checked
+  against config.data."""
+  config = load_config('resnet', '')
+  config.data.data_dir, config.init_from = '/data/av', 'scratch'
+  group, name = field.split('.')
+  config[group][name] = value
+  configuration.validate(config, device_count=8)
+  config.field.inputs = 'farm.tif'
+  with pytest.raises(ValueError, match=re.escape(f'config.{field} ')):
+    configuration.validate(config, device_count=8)

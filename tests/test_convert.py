@@ -322,6 +322,7 @@ def test_format_and_config_mismatches(plain_state, tmp_path):
                          _model_config(ibn_mode='s'))
 
 
+@pytest.mark.slow
 def test_cli_converts_safetensors_without_torch(plain_state, tmp_path):
   """scripts/convert_torch_weights.py with ``import torch`` blocked: .safetensors converts; a
   .pth is a clear error."""

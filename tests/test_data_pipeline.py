@@ -118,6 +118,7 @@ def test_resume_from_saved_state_gives_the_identical_next_batches(data_dir):
     assert_batches_equal(next(resumed), batch)
 
 
+@pytest.mark.slow
 def test_resume_through_orbax_with_worker_processes(data_dir, tmp_path):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   config = data_config(data_dir, num_workers=2)

@@ -181,6 +181,7 @@ def test_bad_tile_error_reaches_the_eval_iterator(work_dir):
     list(data.create_eval_iterator(data_config(work_dir), 'val', 0, 1))
 
 
+@pytest.mark.slow
 def test_bad_tile_error_survives_grain_worker_processes(work_dir):
   """The error raised in a worker process reaches the trainer with the file's name."""
   tile_id = ids_of(work_dir)[5]

@@ -1,12 +1,10 @@
 """Feature divergence: KL formula, streaming Gaussian fit, layer capture, end-to-end run."""
 
-import importlib.util
 import json
 import pathlib
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
@@ -15,7 +13,6 @@ from agrivision_jax import data as data_lib
 from agrivision_jax import experiment
 from agrivision_jax import divergence
 from agrivision_jax import models
-from agrivision_jax.configs import common
 
 
 def _kl_by_integration(mean_p, var_p, mean_q, var_q):
@@ -29,17 +26,17 @@ def _kl_by_integration(mean_p, var_p, mean_q, var_q):
   return np.trapezoid(np.exp(log_p) * (log_p - log_q), x)
 
 
-def test_kl_matches_numerical_integration():
-  rng = np.random.default_rng(0)
-  for _ in range(6):
-    mean_p, mean_q = rng.normal(0, 2, size=2)
-    var_p, var_q = rng.uniform(0.05, 3.0, size=2)
-    expected = _kl_by_integration(mean_p, var_p, mean_q, var_q)
-    np.testing.assert_allclose(divergence.gaussian_kl(mean_p, var_p, mean_q, var_q), expected,
-                               rtol=1e-6, atol=1e-9)
-    expected_symmetric = expected + _kl_by_integration(mean_q, var_q, mean_p, var_p)
-    np.testing.assert_allclose(divergence.symmetric_kl(mean_p, var_p, mean_q, var_q),
-                               expected_symmetric, rtol=1e-6, atol=1e-9)
+@pytest.mark.parametrize('case', range(6))
+def test_kl_matches_numerical_integration(case):
+  rng = np.random.default_rng([0, case])
+  mean_p, mean_q = rng.normal(0, 2, size=2)
+  var_p, var_q = rng.uniform(0.05, 3.0, size=2)
+  expected = _kl_by_integration(mean_p, var_p, mean_q, var_q)
+  np.testing.assert_allclose(divergence.gaussian_kl(mean_p, var_p, mean_q, var_q), expected,
+                             rtol=1e-6, atol=1e-9)
+  expected_symmetric = expected + _kl_by_integration(mean_q, var_q, mean_p, var_p)
+  np.testing.assert_allclose(divergence.symmetric_kl(mean_p, var_p, mean_q, var_q),
+                             expected_symmetric, rtol=1e-6, atol=1e-9)
 
 
 def test_symmetric_kl_is_symmetric_and_zero_for_identical_statistics():
@@ -120,60 +117,19 @@ def test_var_floor_zero_is_the_papers_formula():
   assert abs(floored - value) > 1e-4 * value
 
 
-def tiny_model_config(arch: str = 'resnet50', in_channels: int = 4, ibn_mode: str = 's') -> dict:
-  """A DeepLabV3+ small enough to compile in seconds on 2 CPU cores."""
-  return dict(arch=arch, ibn_mode=ibn_mode, output_stride=16, multi_grid=(1, 2, 4),
-              in_channels=in_channels, num_classes=7, num_low_level_features=3, dtype='float32',
-              width=4, aspp_channels=8, decoder_channels=8, low_level_channels=4)
-
-
-def tiny_experiment_config(data_dir: str) -> ml_collections.ConfigDict:
-  """The IBN-Net50-s row shrunk to ``tiny_model_config`` on 32x32 synthetic tiles (6 val, 3 test),
-  with the divergence and predict settings at their defaults and batches of 8 (one per device)."""
-  config = common.get_config('depth=50', ibn_mode='s')
-  config.model.update({k: v for k, v in tiny_model_config().items() if k in config.model})
-  config.data.update(dict(source='synthetic', data_dir=data_dir, image_size=32, batch_size=8,
-                          eval_batch_size=8, num_workers=0))
-  config.data.synthetic.update(dict(num_train=8, num_val=6, num_test=3, size=32, seed=0))
-  config.predict.update(dict(split='val', tta='none', num_overlays=4, batch_size=8))
-  return config
-
-
-def random_variables(model, seed: int = 0) -> dict:
-  """Random {'params', 'batch_stats'} of ``model`` with the shapes of its init (jax.eval_shape, no
-  compilation): He-normal kernels, norm scales near 1, biases and mixing logits near 0, running
-  means near 0 and running variances in [0.5, 1.5]."""
-  shapes = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, model.in_channels)),
-                         train=False))
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = path[-1].key
-    if name == 'kernel':
-      fan_in = np.prod(leaf.shape[:-1])
-      return rng.normal(0, np.sqrt(2 / fan_in), leaf.shape).astype(np.float32)
-    if name == 'var':
-      return rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32)
-    centre = 1.0 if name == 'scale' else 0.0
-    return (centre + rng.normal(0, 0.1, leaf.shape)).astype(np.float32)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
-def test_modality_inputs_for_each_pairing():
+@pytest.mark.parametrize('in_channels, pairing, input_a, input_b', [
+    (3, 'replicate', 'RGB', 'NNN'), (4, 'replicate', 'RGBR', 'NNNN'), (4, 'zero', 'RGB0', 'NNN0')])
+def test_modality_inputs_for_each_pairing(in_channels, pairing, input_a, input_b):
   images = np.random.default_rng(4).normal(size=(2, 5, 7, 4)).astype(np.float32)
-  r, g, b, n = (images[..., c:c + 1] for c in range(4))
-  zero = np.zeros_like(n)
-  expected = {
-      (3, 'replicate'): ((r, g, b), (n, n, n)),
-      (4, 'replicate'): ((r, g, b, r), (n, n, n, n)),
-      (4, 'zero'): ((r, g, b, zero), (n, n, n, zero)),
-  }
-  for (in_channels, pairing), (channels_a, channels_b) in expected.items():
-    a, b_ = divergence.modality_inputs(jnp.asarray(images), in_channels, pairing)
-    np.testing.assert_array_equal(a, np.concatenate(channels_a, axis=-1))
-    np.testing.assert_array_equal(b_, np.concatenate(channels_b, axis=-1))
+  channels = {name: images[..., c:c + 1] for c, name in enumerate('RGBN')}
+  channels['0'] = np.zeros_like(channels['N'])
+  a, b = divergence.modality_inputs(jnp.asarray(images), in_channels, pairing)
+  np.testing.assert_array_equal(a, np.concatenate([channels[c] for c in input_a], axis=-1))
+  np.testing.assert_array_equal(b, np.concatenate([channels[c] for c in input_b], axis=-1))
+
+
+def test_unknown_pairing_is_named():
+  images = np.zeros((2, 5, 7, 4), np.float32)
   with pytest.raises(ValueError, match='config.divergence.pairing'):
     divergence.modality_inputs(jnp.asarray(images), 4, 'mean')
 
@@ -186,11 +142,15 @@ def _area_weights_brute_force(valid: np.ndarray, size: tuple[int, int]) -> np.nd
   return fine.reshape(len(valid), h, height, w, width).mean(axis=(2, 4))
 
 
-def test_downsample_valid_is_the_valid_area_fraction():
+@pytest.mark.parametrize('size', [(20, 24), (10, 12), (5, 6), (3, 3), (7, 5)])
+def test_downsample_valid_is_the_valid_area_fraction(size):
   valid = np.random.default_rng(5).uniform(size=(2, 40, 48)) > 0.4
-  for size in [(20, 24), (10, 12), (5, 6), (3, 3), (7, 5)]:
-    np.testing.assert_allclose(divergence.downsample_valid(jnp.asarray(valid), size),
-                               _area_weights_brute_force(valid, size), atol=1e-6)
+  np.testing.assert_allclose(divergence.downsample_valid(jnp.asarray(valid), size),
+                             _area_weights_brute_force(valid, size), atol=1e-6)
+
+
+def test_downsample_valid_is_the_block_mean_where_the_stride_divides():
+  valid = np.random.default_rng(5).uniform(size=(2, 40, 48)) > 0.4
   # Where the stride divides, a feature pixel's weight is the mean of its block.
   np.testing.assert_allclose(divergence.downsample_valid(jnp.asarray(valid), (10, 12)),
                              valid.reshape(2, 10, 4, 12, 4).mean(axis=(2, 4)), atol=1e-6)
@@ -215,7 +175,7 @@ def _batches(images, valid, ids, batch_size):
 
 
 @pytest.fixture(scope='module')
-def tiny_r50():
+def tiny_r50(tiny_model_config, random_variables):
   model = models.model_from_spec(tiny_model_config())
   return model, random_variables(model)
 
@@ -316,7 +276,7 @@ def test_identical_inputs_give_zero_divergence_at_every_layer(tiny_r50):
 
 
 @pytest.mark.parametrize('arch, count', [('resnet101', 34), ('resnet50', 17)])
-def test_every_block_is_captured(arch, count):
+def test_every_block_is_captured(tiny_model_config, arch, count):
   model = models.model_from_spec(tiny_model_config(arch=arch, in_channels=3, ibn_mode='a'))
   variables = jax.eval_shape(
       lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False))
@@ -336,13 +296,9 @@ def test_every_block_is_captured(arch, count):
     assert areas[name].shape == (2,)
 
 
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('synthetic') / 'av')
-
-
-def test_run_writes_json_stats_and_plot(data_dir, tmp_path, monkeypatch):
-  config = tiny_experiment_config(data_dir)
+def test_run_writes_json_stats_and_plot(tiny_experiment_config, random_variables,
+                                        synthetic_data_dir, tmp_path, monkeypatch):
+  config = tiny_experiment_config(synthetic_data_dir)
   config.divergence.update(dict(random_init=True, valid_only=True))
   # models.init_variables compiles the whole network (a minute on 2 shared cores); random weights
   # of the same shapes serve as the fresh initialisation here.
@@ -376,29 +332,23 @@ def test_run_writes_json_stats_and_plot(data_dir, tmp_path, monkeypatch):
     divergence.run(config, str(tmp_path))
 
 
-def test_run_without_checkpoint_names_the_workdir(data_dir, tmp_path):
+def test_run_without_checkpoint_names_the_workdir(tiny_experiment_config, synthetic_data_dir,
+                                                  tmp_path):
   with pytest.raises(FileNotFoundError, match=str(tmp_path)):
-    divergence.run(tiny_experiment_config(data_dir), str(tmp_path))
+    divergence.run(tiny_experiment_config(synthetic_data_dir), str(tmp_path))
 
 
 @pytest.mark.parametrize('field', ['pairing', 'pooling'])
-def test_bad_divergence_config_is_named(data_dir, tmp_path, field):
-  config = tiny_experiment_config(data_dir)
+def test_bad_divergence_config_is_named(tiny_experiment_config, synthetic_data_dir, tmp_path,
+                                        field):
+  config = tiny_experiment_config(synthetic_data_dir)
   config.divergence[field] = 'mean'
   with pytest.raises(ValueError, match=f'config.divergence.{field}'):
     divergence.run(config, str(tmp_path))
 
 
-def _load_script(name: str):
-  path = pathlib.Path(__file__).resolve().parents[1] / 'scripts' / f'{name}.py'
-  spec = importlib.util.spec_from_file_location(f'analysis_tests_{name}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def test_table1_decay_row_with_the_papers_rgb_numbers():
-  table_script = _load_script('cross_modality_table')
+def test_table1_decay_row_with_the_papers_rgb_numbers(scripts):
+  table_script = scripts('cross_modality_table')
   table = {'rgb': {'rgb': 0.4605, 'nir': 0.1829}, 'nir': {'rgb': 0.30, 'nir': 0.40}}
   points, relative = table_script.decay(table, 'rgb')
   np.testing.assert_allclose([points, relative], [27.76, 100 * 27.76 / 46.05])
@@ -409,8 +359,8 @@ def test_table1_decay_row_with_the_papers_rgb_numbers():
   assert lines[4] == '| performance decay | 27.76 (60.3%) | 10.00 (25.0%) |'
 
 
-def test_plot_script_overlays_runs_with_a_legend(tmp_path):
-  plot_script = _load_script('plot_divergence')
+def test_plot_script_overlays_runs_with_a_legend(scripts, tmp_path):
+  plot_script = scripts('plot_divergence')
   layers = [{'index': i, 'name': name, 'divergence': 1.0 / (i + 1)}
             for i, name in enumerate(models.backbone_layer_names('resnet50'))]
   layers[3]['divergence'] = None  # var_floor=0 and a constant channel: not plotted

@@ -8,17 +8,6 @@ from jax.sharding import PartitionSpec as P
 
 from agrivision_jax import experiment
 from agrivision_jax import optim
-from agrivision_jax.configs import common
-
-
-def tiny_config(modality: str = 'nrgb'):
-  """Width-8 ResNet-50 DeepLabV3+ on 32 px tiles."""
-  config = common.get_config(f'depth=50,modality={modality}', ibn_mode='s')
-  config.model.update(dict(width=8, aspp_channels=16, decoder_channels=16, low_level_channels=8))
-  config.data.update(dict(source='synthetic', data_dir='unused', image_size=32, batch_size=8,
-                          eval_batch_size=8, num_workers=0))
-  config.data.synthetic.size = 32
-  return config
 
 
 @pytest.mark.parametrize('environ, expected', [
@@ -34,7 +23,7 @@ def test_multiprocess_environment(environ, expected):
   assert experiment.multiprocess_environment(environ) == expected
 
 
-def test_multiprocess_environment_without_distributed_is_refused():
+def test_multiprocess_environment_without_distributed_is_refused(tiny_config):
   config = tiny_config()
   with pytest.raises(ValueError, match=r'^SLURM_NTASKS=2 says this is one of several processes: '
                                        r'pass --config\.distributed=True'):
@@ -60,8 +49,8 @@ def test_shard_batch_splits_the_batch_over_the_data_axis():
 
 
 @pytest.mark.parametrize('modality, channels', [('nrgb', 4), ('rgb', 3)])
-def test_abstract_train_state_is_the_twin_of_the_real_one(modality, channels):
-  config = tiny_config(modality)
+def test_abstract_train_state_is_the_twin_of_the_real_one(tiny_config, modality, channels):
+  config = tiny_config(modality=modality)
   mesh = experiment.create_mesh()
   model = experiment.create_model(config)
   tx = optim.create_optimizer(config.optim)
@@ -85,7 +74,7 @@ def test_agreed_on_one_process_is_the_value():
   assert experiment.agreed(7) == 7 and experiment.agreed(0) == 0
 
 
-def test_setup_inference_checks_the_batch_against_the_devices():
+def test_setup_inference_checks_the_batch_against_the_devices(tiny_config):
   config = tiny_config()
   with pytest.raises(ValueError, match=r'^config\.predict\.batch_size=12 must be divisible by the '
                                        r'number of devices \(8\)$'):

@@ -90,6 +90,7 @@ def random_field(height, width, seed, bands=4):
   return np.clip(blobs + rng.normal(0, 20, (height, width, bands)), 1, 255).astype(np.uint8)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('backend', ['tifffile', 'rasterio'])
 def test_zero_overlap_equals_tile_by_tile_predict_and_keeps_georeferencing(
     tmp_path, monkeypatch, model_and_variables, backend):
@@ -137,6 +138,7 @@ def test_zero_overlap_equals_tile_by_tile_predict_and_keeps_georeferencing(
   assert preview.shape == (67, 100, 3)   # every 3rd row and column of 200 x 300
 
 
+@pytest.mark.slow
 def test_overlap_blending_equals_a_brute_force_weighted_sum(tmp_path, monkeypatch,
                                                             model_and_variables):
   model, variables = model_and_variables
@@ -176,6 +178,7 @@ def test_overlap_blending_equals_a_brute_force_weighted_sum(tmp_path, monkeypatc
   assert (classes == 255).sum() == 50 * 50 and len(np.unique(classes)) > 2
 
 
+@pytest.mark.slow
 def test_constant_logit_model_gives_a_constant_map_without_seams(tmp_path, monkeypatch,
                                                                  model_and_variables):
   _, variables = model_and_variables

@@ -10,6 +10,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BLOCKED = ('grain', 'tensorflow_datasets', 'tensorboardX', 'safetensors')
 TIMED_FIELDS = ('compile_s', 'step_ms_median', 'step_ms_p90', 'images_per_s', 'peak_gb',
@@ -21,6 +23,7 @@ def _positive(row, field):
   assert isinstance(value, float) and math.isfinite(value) and value > 0, (row['label'], field)
 
 
+@pytest.mark.slow
 def test_smoke_runs_every_part_and_reports_finite_figures(tmp_path):
   for name in BLOCKED:
     (tmp_path / 'blocked' / name).mkdir(parents=True)

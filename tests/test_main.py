@@ -71,6 +71,7 @@ def run_main(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
                         text=True, timeout=300)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('args, status, message', [
     (['--config=configs/ibn_s.py'], 1,
      "error: no dataset: pass --config.data.data_dir=/path/to/Agriculture-Vision"),

@@ -10,6 +10,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from agrivision_jax import data
 from agrivision_jax import experiment
@@ -17,29 +18,8 @@ from agrivision_jax import losses
 from agrivision_jax import optim
 from agrivision_jax import train
 from agrivision_jax import writers
-from agrivision_jax.configs import common
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def tiny_config(data_dir: str):
-  """ResNet-50 DeepLabV3+ of width 8 with the hybrid loss on 32x32 synthetic tiles, batch 8.
-
-  Plain BatchNorm: InstanceNorm (IBN-a/b/s) over the 2x2 maps of a 32 px input is so
-  ill-conditioned that float32 reduction-order noise moves its gradients by several percent,
-  which would hide real sharding errors in the equivalence tests below. The norms' sharded
-  statistics are tested in the models' tests.
-  """
-  config = common.get_config('depth=50', ibn_mode='none', default_loss='hybrid')
-  config.model.update(dict(width=8, aspp_channels=16, decoder_channels=16, low_level_channels=8))
-  config.data.update(dict(source='synthetic', data_dir=data_dir, image_size=32, batch_size=8,
-                          eval_batch_size=8, num_workers=0))
-  config.data.synthetic.update(dict(num_train=24, num_val=6, num_test=1, size=32, seed=0))
-  config.optim.update(dict(learning_rate=0.05, warmup_steps=3, constant_steps=40,
-                           decay_steps=20))
-  config.update(dict(num_train_steps=6, log_every_steps=1, eval_every_steps=100,
-                     checkpoint_every_steps=3, max_checkpoints_to_keep=10))
-  return config
 
 
 def flat(variables):
@@ -118,12 +98,13 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process_with_four_devices(tmp_path):
-  config = tiny_config(str(tmp_path / 'av'))
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_four_devices(tiny_config, synthetic_data_dir,
+                                                           tmp_path):
+  config = tiny_config(synthetic_data_dir)
   config.num_train_steps = 1
   config.checkpoint_every_steps = 1
   config.distributed = True
-  data.create_source(config.data, 'train')  # generates the synthetic dataset once, up front
   workdir = str(tmp_path / 'run')
   env = {**os.environ, 'JAX_COORDINATOR_ADDRESS': f'127.0.0.1:{free_port()}',
          'JAX_NUM_PROCESSES': '2', 'PYTHONPATH': str(ROOT)}

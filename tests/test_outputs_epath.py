@@ -2,7 +2,6 @@
 works: gs:// is served here by an in-memory fsspec filesystem (no network), and nothing may land
 on the local disk instead (no 'gs:' folder, no leftover temporary class map)."""
 
-import importlib.util
 import io
 import json
 import os
@@ -107,7 +106,8 @@ def test_predict_run_writes_pngs_overlays_and_json_to_a_gs_workdir(bucket, monke
   assert saved['num_tiles'] == 3 and 'miou' in saved
 
 
-def test_divergence_run_writes_json_stats_and_plot_to_a_gs_workdir(bucket, monkeypatch):
+def test_divergence_run_writes_json_stats_and_plot_to_a_gs_workdir(bucket, monkeypatch,
+                                                                   scripts):
   names = models.backbone_layer_names('resnet50')
   rng = np.random.default_rng(2)
   stats_a = {name: divergence.ChannelStats.from_samples(rng.normal(0, 1, (5, 3)))
@@ -129,11 +129,7 @@ def test_divergence_run_writes_json_stats_and_plot_to_a_gs_workdir(bucket, monke
   read_png('gs://b/run/divergence.png')
 
   # The plotting script reads runs from URLs and writes --out to one.
-  spec = importlib.util.spec_from_file_location(
-      'plot_divergence', os.path.join(os.path.dirname(__file__), '..', 'scripts',
-                                      'plot_divergence.py'))
-  script = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(script)
+  script = scripts('plot_divergence')
   script.main(['gs://b/run', 'gs://b/run/divergence.json', '--labels=a,b',
                '--out=gs://b/plots/both.png'])
   read_png('gs://b/plots/both.png')

@@ -1,33 +1,18 @@
 """Prediction: D4 / flips TTA equivariance, submission PNGs, overlays, official mIoU, errors."""
 
-import functools
 import json
 import os
+import shutil
 
-import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
-from agrivision_jax import checkpointing
 from agrivision_jax import data as data_lib
-from agrivision_jax import experiment
-from agrivision_jax import models
-from agrivision_jax import optim
 from agrivision_jax import predict
 from agrivision_jax import progress
 from agrivision_jax import tta
-from test_divergence import random_variables, tiny_experiment_config, tiny_model_config
-
-
-@pytest.fixture(scope='module')
-def tiny_model():
-  model = models.model_from_spec(tiny_model_config())
-  variables = random_variables(model, seed=1)
-  forward = jax.jit(functools.partial(model.apply, train=False))
-  return model, variables, functools.partial(forward, variables)
 
 
 def _dihedral_images(shape, seed):
@@ -66,18 +51,6 @@ def test_flips_tta_is_equivariant_to_flips_on_non_square_input(tiny_model):
   np.testing.assert_array_equal(tta.tta_logits(forward, images, 'none'), plain)
 
 
-def save_checkpoint(config: ml_collections.ConfigDict, workdir: str, variables: dict) -> None:
-  """Saves ``variables`` as the workdir's step-1 checkpoint, the way training does."""
-  tx = optim.create_optimizer(config.optim)
-  state = experiment.TrainState(step=jnp.ones((), jnp.int32), params=variables['params'],
-                           batch_stats=variables['batch_stats'],
-                           opt_state=tx.init(variables['params']))
-  manager = checkpointing.create_manager(workdir, 1)
-  checkpointing.save(manager, 1, state, data_lib.create_train_iterator(config.data, 0, 0, 1))
-  manager.wait_until_finished()
-  manager.close()
-
-
 def official_miou(predictions: list[np.ndarray], examples: list[dict]) -> float:
   """The challenge rule, pixel by pixel: x in Y -> M[y, y] += 1 for y in Y, else M[x, y] += 1;
   IoU_c = M[c, c] / (row sum + column sum - M[c, c]), averaged over the classes that occur."""
@@ -94,14 +67,13 @@ def official_miou(predictions: list[np.ndarray], examples: list[dict]) -> float:
   return float(np.mean(diagonal[union > 0] / union[union > 0]))   # classes never seen: no IoU
 
 
-@pytest.fixture(scope='module')
-def trained_workdir(tmp_path_factory, tiny_model):
-  """A workdir whose checkpoint holds the tiny model's random weights, on 32x32 synthetic tiles."""
-  root = tmp_path_factory.mktemp('predict')
-  config = tiny_experiment_config(str(root / 'av'))
-  workdir = str(root / 'workdir')
-  save_checkpoint(config, workdir, tiny_model[1])
-  return config, workdir
+@pytest.fixture
+def trained_workdir(tiny_workdir, tmp_path):
+  """A copy of the session's tiny workdir (conftest.tiny_workdir): (config, workdir)."""
+  config, workdir = tiny_workdir
+  copy = str(tmp_path / 'workdir')
+  shutil.copytree(workdir, copy)
+  return config.copy_and_resolve_references(), copy
 
 
 def test_predict_val_writes_index_pngs_overlays_and_the_official_miou(trained_workdir, tiny_model):
@@ -151,13 +123,13 @@ def test_predict_test_split_without_labels(trained_workdir):
   assert len(os.listdir(os.path.join(workdir, 'predictions', 'test_overlays'))) == 1
 
 
-def test_missing_checkpoint_is_a_clear_error(tmp_path):
+def test_missing_checkpoint_is_a_clear_error(tiny_experiment_config, tmp_path):
   config = tiny_experiment_config(str(tmp_path / 'av'))
   with pytest.raises(FileNotFoundError, match=f'no checkpoint directory {tmp_path}'):
     predict.run(config, str(tmp_path / 'empty_workdir'))
 
 
-def test_bad_tta_mode_is_named(tmp_path):
+def test_bad_tta_mode_is_named(tiny_experiment_config, tmp_path):
   config = tiny_experiment_config(str(tmp_path / 'av'))
   config.predict.tta = 'd8'
   with pytest.raises(ValueError, match='config.predict.tta'):

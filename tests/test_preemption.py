@@ -41,6 +41,7 @@ def _start():
   return process
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('first,second', [(signal.SIGTERM, signal.SIGTERM),
                                           (signal.SIGINT, signal.SIGINT),
                                           (signal.SIGINT, signal.SIGTERM)])
@@ -94,6 +95,7 @@ _GRAIN = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_grain_workers_survive_the_terminal_sigint(tmp_path):
   script = tmp_path / 'grain_sigint.py'   # a file: grain's spawned workers re-import __main__
   script.write_text(_GRAIN)
@@ -123,6 +125,7 @@ _AGREE = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_request_agreed_across_processes():
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
@@ -180,6 +183,7 @@ _TRAIN = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_preempted_training_resumes_without_lost_or_repeated_steps(tmp_path):
   workdir = str(tmp_path / 'run')
 

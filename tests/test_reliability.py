@@ -14,7 +14,6 @@ import jax
 import numpy as np
 import pytest
 
-from agrivision_jax import data
 from agrivision_jax import experiment
 from agrivision_jax import writers
 from agrivision_jax.configs import common
@@ -23,7 +22,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 8
 TIMING_FIELDS = ('steps_per_second', 'throughput')
 
-pytestmark = pytest.mark.slow
+# One worker runs them all: the module's reference training subprocess runs once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group('reliability')]
 
 
 def overrides(data_dir: str) -> list[str]:
@@ -33,7 +33,7 @@ def overrides(data_dir: str) -> list[str]:
       '--config.model.aspp_channels=16', '--config.model.decoder_channels=16',
       '--config.model.low_level_channels=8', '--config.data.image_size=32',
       '--config.data.synthetic.size=32', '--config.data.synthetic.num_train=24',
-      '--config.data.synthetic.num_val=6', '--config.data.synthetic.num_test=1',
+      '--config.data.synthetic.num_val=6', '--config.data.synthetic.num_test=3',
       f'--config.data.data_dir={data_dir}', f'--config.num_train_steps={STEPS}',
       '--config.log_every_steps=1', '--config.eval_every_steps=4',
       '--config.checkpoint_every_steps=4']
@@ -44,18 +44,17 @@ def in_process_config(data_dir: str):
   config = common.get_config('depth=50,demo')
   config.model.update(dict(width=8, aspp_channels=16, decoder_channels=16, low_level_channels=8))
   config.data.update(dict(image_size=32, data_dir=data_dir))
-  config.data.synthetic.update(dict(size=32, num_train=24, num_val=6, num_test=1))
+  config.data.synthetic.update(dict(size=32, num_train=24, num_val=6, num_test=3))
   return config
 
 
 @pytest.fixture(scope='module')
-def setup(tmp_path_factory):
-  """(data_dir, compilation cache dir, the workdir of an uninterrupted run)."""
+def setup(tmp_path_factory, synthetic_data_dir):
+  """(data_dir, compilation cache dir, the workdir of an uninterrupted run).
+
+  The shared synthetic dataset (conftest.py) is generated before any subprocess reads it."""
   root = tmp_path_factory.mktemp('reliability')
-  data_dir, cache = str(root / 'av'), str(root / 'cache')
-  config = in_process_config(data_dir)
-  for split in ('train', 'val'):
-    data.create_source(config.data, split)  # generated once, before any subprocess reads it
+  data_dir, cache = synthetic_data_dir, str(root / 'cache')
   reference = str(root / 'reference')
   process = start(data_dir, cache, reference)
   assert finish(process) == 0, process.log[-3000:]

@@ -1,8 +1,8 @@
 """Training loop on a tiny model and tiny synthetic data: learning, resume, preemption, the best
 checkpoint, the final validation, sharding, NaN stop.
 
-Every run here shares one model shape, so a per-module persistent compilation cache lets the
-later runs skip XLA compilation.
+Every run here shares one model shape, so the session's persistent compilation cache
+(conftest.py) lets the later runs skip XLA compilation.
 """
 
 import json
@@ -29,40 +29,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TIMING_FIELDS = ('steps_per_second', 'throughput')
 
 
-def tiny_config(data_dir: str):
-  """ResNet-50 DeepLabV3+ of width 8 with the hybrid loss on 32x32 synthetic tiles, batch 8.
-
-  Plain BatchNorm: InstanceNorm (IBN-a/b/s) over the 2x2 maps of a 32 px input is so
-  ill-conditioned that float32 reduction-order noise moves its gradients by several percent,
-  which would hide real sharding errors in the equivalence tests below. The norms' sharded
-  statistics are tested in the models' tests.
-  """
-  config = common.get_config('depth=50', ibn_mode='none', default_loss='hybrid')
-  config.model.update(dict(width=8, aspp_channels=16, decoder_channels=16, low_level_channels=8))
-  config.data.update(dict(source='synthetic', data_dir=data_dir, image_size=32, batch_size=8,
-                          eval_batch_size=8, num_workers=0))
-  config.data.synthetic.update(dict(num_train=24, num_val=6, num_test=1, size=32, seed=0))
-  config.optim.update(dict(learning_rate=0.05, warmup_steps=3, constant_steps=40,
-                           decay_steps=20))
-  config.update(dict(num_train_steps=6, log_every_steps=1, eval_every_steps=100,
-                     checkpoint_every_steps=3, max_checkpoints_to_keep=10))
-  return config
-
-
-@pytest.fixture(scope='module', autouse=True)
-def compilation_cache(tmp_path_factory):
-  from jax._src import compilation_cache as cc  # pylint: disable=g-import-not-at-top
-  jax.config.update('jax_compilation_cache_dir', str(tmp_path_factory.mktemp('jax_cache')))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
-  cc.reset_cache()
-  yield
-  jax.config.update('jax_compilation_cache_dir', None)
-  cc.reset_cache()
-
-
-@pytest.fixture(scope='module')
-def data_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('synthetic') / 'av')
+@pytest.fixture
+def config(tiny_config, synthetic_data_dir):
+  """A fresh copy of the shared tiny config (conftest.tiny_config) on the shared synthetic data."""
+  return tiny_config(synthetic_data_dir)
 
 
 def records(workdir, split='train'):
@@ -137,17 +107,16 @@ def one_step(config, devices, batch):
 
 
 @pytest.fixture(scope='module')
-def straight(data_dir, tmp_path_factory):
+def straight(tiny_config, synthetic_data_dir, tmp_path_factory):
   """An uninterrupted 6-step run validating every 2 steps: (config, workdir, result)."""
-  config = tiny_config(data_dir)
+  config = tiny_config(synthetic_data_dir)
   config.eval_every_steps = 2
   config.checkpoint_every_steps = 2
   workdir = str(tmp_path_factory.mktemp('straight'))
   return config, workdir, train.train_and_evaluate(config, workdir)
 
 
-def test_loss_decreases_over_a_few_dozen_steps(data_dir, tmp_path):
-  config = tiny_config(data_dir)
+def test_loss_decreases_over_a_few_dozen_steps(config, tmp_path):
   config.num_train_steps = 30
   config.log_every_steps = 10
   config.checkpoint_every_steps = 30
@@ -180,21 +149,21 @@ def test_every_validation_records_the_best_and_restore_best_loads_it(straight):
   assert restored(config, workdir, 'latest')[1] == 6
 
 
-def test_evaluate_the_best_and_a_numbered_checkpoint(straight, tmp_path):
+@pytest.mark.parametrize('restore', ['best', '4'])  # '4': as --config.restore=4 gives it
+def test_evaluate_the_best_and_a_numbered_checkpoint(straight, tmp_path, restore):
   config, workdir, _ = straight
   copy = str(tmp_path / 'copy')
   shutil.copytree(workdir, copy)
   val = {r['step']: r for r in records(workdir, 'val')}
-  best_step = val[6]['best_step']
-  for restore, step in (('best', best_step), ('4', 4)):
-    config = config.copy_and_resolve_references()
-    config.restore = restore
-    result = train.evaluate(config, copy)
-    row = records(copy, 'val')[-1]
-    assert (row['step'], row['restore']) == (step, restore)
-    # The same weights on the same split as the validation during training.
-    assert row['miou'] == result['miou'] == val[step]['miou']
-    assert row['loss'] == pytest.approx(val[step]['loss'], rel=1e-6)
+  step = val[6]['best_step'] if restore == 'best' else int(restore)
+  config = config.copy_and_resolve_references()
+  config.restore = restore
+  result = train.evaluate(config, copy)
+  row = records(copy, 'val')[-1]
+  assert (row['step'], row['restore']) == (step, restore)
+  # The same weights on the same split as the validation during training.
+  assert row['miou'] == result['miou'] == val[step]['miou']
+  assert row['loss'] == pytest.approx(val[step]['loss'], rel=1e-6)
 
 
 def test_resume_gives_identical_params_and_metrics(straight, tmp_path):
@@ -268,8 +237,7 @@ def test_a_different_model_is_refused_before_anything_is_written(straight):
   assert before == {name: pathlib.Path(workdir, name).read_bytes() for name in before}
 
 
-def test_failed_save_stops_the_run_at_once(data_dir, tmp_path, monkeypatch):
-  config = tiny_config(data_dir)
+def test_failed_save_stops_the_run_at_once(config, tmp_path, monkeypatch):
   config.checkpoint_every_steps = 2
 
   def failing_save(manager, step, state, data_iterator):
@@ -282,11 +250,10 @@ def test_failed_save_stops_the_run_at_once(data_dir, tmp_path, monkeypatch):
   assert [r['step'] for r in records(str(tmp_path))] == [1, 2]
 
 
-def test_eight_devices_equal_one_device_after_a_step(data_dir):
+def test_eight_devices_equal_one_device_after_a_step(config):
   # Two examples per device: with one, XLA:CPU's float32 rounding differs more from the unsharded
   # computation and the freshly initialised stage 4 amplifies it to ~1% of the update (measured;
   # 1, 2 and 4 devices with >= 2 examples each agree to 2e-5).
-  config = tiny_config(data_dir)
   config.data.batch_size = 16
   batch = next(data.create_train_iterator(config.data, config.seed, 0, 1))
   assert len(jax.devices()) == 8
@@ -295,8 +262,7 @@ def test_eight_devices_equal_one_device_after_a_step(data_dir):
   assert_same_step(loss_8, variables_8, loss_1, variables_1, initial_variables(config))
 
 
-def test_nan_loss_stops_and_last_checkpoint_restores(data_dir, tmp_path, monkeypatch):
-  config = tiny_config(data_dir)
+def test_nan_loss_stops_and_last_checkpoint_restores(config, tmp_path, monkeypatch):
   config.checkpoint_every_steps = 2
   config.log_every_steps = 100
   calls = []
@@ -320,9 +286,8 @@ def test_nan_loss_stops_and_last_checkpoint_restores(data_dir, tmp_path, monkeyp
   assert step == 2 and all(np.isfinite(v).all() for v in flat(variables).values())
 
 
-def test_init_from_replaces_exactly_the_converted_leaves(data_dir, tmp_path, monkeypatch):
+def test_init_from_replaces_exactly_the_converted_leaves(config, tmp_path, monkeypatch):
   from agrivision_jax import convert  # pylint: disable=g-import-not-at-top
-  config = tiny_config(data_dir)
   model = experiment.create_model(config)
   fresh = jax.device_get(experiment.initial_variables(config, model))
   kernel = fresh['params']['backbone']['conv1']['kernel']
@@ -358,8 +323,7 @@ def test_init_from_replaces_exactly_the_converted_leaves(data_dir, tmp_path, mon
 
 
 @pytest.mark.parametrize('restore', ['latest', 'best', 3])
-def test_restore_without_checkpoint_names_the_workdir(data_dir, tmp_path, restore):
-  config = tiny_config(data_dir)
+def test_restore_without_checkpoint_names_the_workdir(config, tmp_path, restore):
   with pytest.raises(FileNotFoundError, match=f'{tmp_path}.*train into --workdir={tmp_path} '
                                               'first or set --config.init_from'):
     restored(config, str(tmp_path), restore)

@@ -20,6 +20,7 @@ _HOLDER = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_second_holder_is_refused_until_the_first_is_killed(tmp_path):
   workdir = str(tmp_path / 'run')
   holder = subprocess.Popen([sys.executable, '-c', _HOLDER, workdir], stdout=subprocess.PIPE,
