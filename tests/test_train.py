@@ -116,6 +116,7 @@ def straight(tiny_config, synthetic_data_dir, tmp_path_factory):
   return config, workdir, train.train_and_evaluate(config, workdir)
 
 
+@pytest.mark.slow  # a training run
 def test_loss_decreases_over_a_few_dozen_steps(config, tmp_path):
   config.num_train_steps = 30
   config.log_every_steps = 10
@@ -134,6 +135,7 @@ def test_loss_decreases_over_a_few_dozen_steps(config, tmp_path):
   assert any(f.startswith('events.out.tfevents') for f in os.listdir(tmp_path))
 
 
+@pytest.mark.slow  # a training run
 def test_every_validation_records_the_best_and_restore_best_loads_it(straight):
   config, workdir, result = straight
   val = records(workdir, 'val')
@@ -149,6 +151,7 @@ def test_every_validation_records_the_best_and_restore_best_loads_it(straight):
   assert restored(config, workdir, 'latest')[1] == 6
 
 
+@pytest.mark.slow  # a training run
 @pytest.mark.parametrize('restore', ['best', '4'])  # '4': as --config.restore=4 gives it
 def test_evaluate_the_best_and_a_numbered_checkpoint(straight, tmp_path, restore):
   config, workdir, _ = straight
@@ -166,6 +169,7 @@ def test_evaluate_the_best_and_a_numbered_checkpoint(straight, tmp_path, restore
   assert row['loss'] == pytest.approx(val[step]['loss'], rel=1e-6)
 
 
+@pytest.mark.slow  # a training run
 def test_resume_gives_identical_params_and_metrics(straight, tmp_path):
   config, workdir, _ = straight
   config = config.copy_and_resolve_references()
@@ -183,6 +187,7 @@ def test_resume_gives_identical_params_and_metrics(straight, tmp_path):
   assert_same_variables(restored(config, workdir)[0], restored(config, resumed)[0])
 
 
+@pytest.mark.slow  # a training run
 def test_first_signal_saves_and_stops_then_the_rerun_is_identical(straight, tmp_path,
                                                                    monkeypatch):
   config, workdir, _ = straight
@@ -208,6 +213,7 @@ def test_first_signal_saves_and_stops_then_the_rerun_is_identical(straight, tmp_
   assert_same_variables(restored(config, workdir)[0], restored(config, str(tmp_path))[0])
 
 
+@pytest.mark.slow  # a training run
 def test_final_validation_is_part_of_completion(straight, tmp_path):
   config, workdir, _ = straight
   rerun = str(tmp_path / 'rerun')
@@ -226,6 +232,7 @@ def test_final_validation_is_part_of_completion(straight, tmp_path):
   assert records(rerun, 'val') == records(workdir, 'val')
 
 
+@pytest.mark.slow  # a training run
 def test_a_different_model_is_refused_before_anything_is_written(straight):
   config, workdir, _ = straight
   before = {name: pathlib.Path(workdir, name).read_bytes()
@@ -237,6 +244,7 @@ def test_a_different_model_is_refused_before_anything_is_written(straight):
   assert before == {name: pathlib.Path(workdir, name).read_bytes() for name in before}
 
 
+@pytest.mark.slow  # a training run
 def test_failed_save_stops_the_run_at_once(config, tmp_path, monkeypatch):
   config.checkpoint_every_steps = 2
 
@@ -250,6 +258,7 @@ def test_failed_save_stops_the_run_at_once(config, tmp_path, monkeypatch):
   assert [r['step'] for r in records(str(tmp_path))] == [1, 2]
 
 
+@pytest.mark.slow  # a training run
 def test_eight_devices_equal_one_device_after_a_step(config):
   # Two examples per device: with one, XLA:CPU's float32 rounding differs more from the unsharded
   # computation and the freshly initialised stage 4 amplifies it to ~1% of the update (measured;
@@ -262,6 +271,7 @@ def test_eight_devices_equal_one_device_after_a_step(config):
   assert_same_step(loss_8, variables_8, loss_1, variables_1, initial_variables(config))
 
 
+@pytest.mark.slow  # a training run
 def test_nan_loss_stops_and_last_checkpoint_restores(config, tmp_path, monkeypatch):
   config.checkpoint_every_steps = 2
   config.log_every_steps = 100
