@@ -136,7 +136,8 @@ RULES: dict[str, Rule] = {
     'max_checkpoints_to_keep': POSITIVE_INT,
     'init_from': Rule(lambda v: isinstance(v, str),
                       f"a converted weights directory, '{SCRATCH}' or empty"),
-    'restore': Rule(lambda v: v in RESTORE_WORDS if isinstance(v, str) else
+    # --config.restore=4 arrives as the string '4' (the field's default is a string).
+    'restore': Rule(lambda v: (v in RESTORE_WORDS or v.isdigit()) if isinstance(v, str) else
                     (_is_int(v) and v >= 0), f'{list(RESTORE_WORDS)} or a step (int >= 0)'),
     'distributed': BOOL,
     'divergence.split': SPLIT,

@@ -344,7 +344,7 @@ def test_validate_names_the_bad_field(field, value, message):
 
 
 @pytest.mark.parametrize('field, value', [
-    ('restore', 'best'), ('restore', 0), ('restore', 12000), ('field.band_order', 'NRGB'),
+    ('restore', 'best'), ('restore', 0), ('restore', '4'), ('restore', 12000), ('field.band_order', 'NRGB'),
     ('field.band_order', 'BGRXNA'),
     ('field.nodata', 0), ('model.multi_grid', ()), ('model.sn_group_size', 8),
     ('loss.group_size', 32), ('model.conv_impl', 'xla'), ('data.source', 'tfds')])
