@@ -18,10 +18,8 @@ grain worker processes are in the terminal's process group and receive its Ctrl-
 the main process until it has saved (they end when the main process stops them).
 """
 
-import ctypes
 import os
 import signal
-import sys
 import threading
 from types import FrameType
 
@@ -30,7 +28,6 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
-_PR_SET_PDEATHSIG = 1   # linux/prctl.h
 
 
 class Preempted(Exception):
@@ -51,8 +48,8 @@ class Preempted(Exception):
 def worker_init(worker_index: int, worker_count: int) -> None:
   """grain ``worker_init_fn``: the worker ignores SIGINT (the main process decides when to stop).
 
-  On Linux the worker also gets SIGTERM when the main process dies (a second Ctrl-C, SIGKILL),
-  so no worker outlives it.
+  No parent-death signal is set: Linux sends it when the THREAD that started the worker exits,
+  and grain starts workers from threads that end, which would kill live workers.
 
   Args:
     worker_index: index of this worker (unused).
@@ -60,8 +57,6 @@ def worker_init(worker_index: int, worker_count: int) -> None:
   """
   del worker_index, worker_count
   signal.signal(signal.SIGINT, signal.SIG_IGN)
-  if sys.platform.startswith('linux'):
-    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
 
 
 class StopSignals:

@@ -72,8 +72,7 @@ def test_handlers_restored_on_exit():
     preemption.StopSignals(sync_every_steps=0)
 
 
-# Ctrl-C reaches the whole process group; the grain worker must keep feeding the main process,
-# and end when the main process dies abruptly (it holds the output pipes open until it ends).
+# Ctrl-C reaches the whole process group; the grain worker must keep feeding the main process.
 _GRAIN = textwrap.dedent('''
     import os, signal, time
     from absl import flags
@@ -91,7 +90,7 @@ _GRAIN = textwrap.dedent('''
         time.sleep(2)   # the worker would be dead by now without worker_init
         print('REQUESTED', stop.requested(), flush=True)
         print('LAST', [next(iterator) for _ in range(500)][-1], flush=True)
-      os._exit(0)   # dies without stopping the worker: it must follow (else run() never returns)
+      os._exit(0)   # no clean-up: the test kills the process group afterwards
 ''')
 
 
@@ -99,11 +98,20 @@ _GRAIN = textwrap.dedent('''
 def test_grain_workers_survive_the_terminal_sigint(tmp_path):
   script = tmp_path / 'grain_sigint.py'   # a file: grain's spawned workers re-import __main__
   script.write_text(_GRAIN)
-  result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          env={**os.environ, 'PYTHONPATH': os.getcwd()}, timeout=120,
-                          start_new_session=True)   # its own process group to signal
-  assert result.stdout == 'REQUESTED True\nLAST 1000\n', result.stderr[-3000:]
-  assert 'KeyboardInterrupt' not in result.stderr
+  process = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, 'PYTHONPATH': os.getcwd()},
+                             start_new_session=True)   # its own process group to signal
+  try:
+    process.wait(timeout=120)
+  finally:
+    try:  # the orphaned worker holds the output pipes open
+      os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
+  stdout, stderr = process.communicate()
+  assert stdout == 'REQUESTED True\nLAST 1000\n', stderr[-3000:]
+  assert 'KeyboardInterrupt' not in stderr
 
 
 # Two processes; only process 1 is signalled; both must see the request at the same call.
