@@ -1,6 +1,7 @@
 """Real training processes (``python -m agrivision_jax.main``) that are signalled, killed, run twice
-on one workdir or restarted with another model; every interrupted run, rerun, ends bit-identical
-to an uninterrupted one. Slow (a few small training subprocesses): ``pytest -m slow``.
+on one workdir or restarted with another model; a run interrupted in every way, rerun each time,
+ends bit-identical to an uninterrupted one. Slow (a few small training subprocesses):
+``pytest -m slow``.
 """
 
 import json
@@ -104,59 +105,54 @@ def assert_same_run(config, workdir: str, reference: str):
     np.testing.assert_array_equal(variables[key], reference_variables[key], err_msg=str(key))
 
 
-@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT], ids=['SIGTERM', 'SIGINT'])
-def test_a_signal_saves_stops_and_the_rerun_is_identical(setup, tmp_path, signum):
-  data_dir, cache, reference = setup
-  workdir = str(tmp_path)
-  process = start(data_dir, cache, workdir)
-  read_until(process, f'train: 2/{STEPS} steps')
-  process.send_signal(signum)
+def assert_stopped_by_signal(process: subprocess.Popen, signum: int) -> None:
+  """Exit status 128 + signum and a last line that says how to resume, without a traceback."""
   assert finish(process) == 128 + signum, process.log[-3000:]
   last = process.log.strip().splitlines()[-1]
   assert 'stopped by a signal after step' in last and 'run the same command to resume' in last
   assert 'Traceback' not in process.log
-  rerun = start(data_dir, cache, workdir)
-  assert finish(rerun) == 0, rerun.log[-3000:]
-  assert_same_run(in_process_config(data_dir), workdir, reference)
 
 
-def test_a_second_signal_exits_at_once_and_the_rerun_is_identical(setup, tmp_path):
+def test_every_interruption_resumes_to_the_uninterrupted_run(setup, tmp_path):
+  """One workdir through every way a run can end early, each rerun resuming the last: SIGTERM
+  (while a second run on the same workdir is refused), SIGINT, two SIGTERMs at once, SIGKILL
+  during the final validation; the last rerun completes the final validation and ends
+  bit-identical to the uninterrupted reference. Each rerun is signalled at its first train step
+  (which step that is depends on how far the run before it got)."""
   data_dir, cache, reference = setup
   workdir = str(tmp_path)
-  process = start(data_dir, cache, workdir)
-  read_until(process, f'train: 5/{STEPS} steps')
-  process.send_signal(signal.SIGTERM)
-  process.send_signal(signal.SIGTERM)
-  assert finish(process) in (-signal.SIGTERM, 128 + signal.SIGTERM), process.log[-3000:]
-  rerun = start(data_dir, cache, workdir)
-  assert finish(rerun) == 0, rerun.log[-3000:]
-  assert_same_run(in_process_config(data_dir), workdir, reference)
 
-
-def test_killed_during_the_final_validation_the_rerun_completes_it(setup, tmp_path):
-  data_dir, cache, reference = setup
-  workdir = str(tmp_path)
-  process = start(data_dir, cache, workdir)
-  read_until(process, f'train: {STEPS}/{STEPS} steps')
-  process.kill()
-  finish(process)
-  rerun = start(data_dir, cache, workdir)
-  assert finish(rerun) == 0, rerun.log[-3000:]
-  assert_same_run(in_process_config(data_dir), workdir, reference)
-  assert writers.final_eval_done(workdir, STEPS)
-
-
-def test_two_runs_on_one_workdir(setup, tmp_path):
-  data_dir, cache, _ = setup
-  workdir = str(tmp_path)
-  first = start(data_dir, cache, workdir, '--config.num_train_steps=1500')  # still running below
-  read_until(first, 'train: 1/1500 steps')
+  first = start(data_dir, cache, workdir)
+  read_until(first, 'train: 1/')
+  first.send_signal(signal.SIGSTOP)  # holds it (and the workdir's lock) mid-training
   second = start(data_dir, cache, workdir)
   assert finish(second) == 1
   assert second.log.strip().splitlines()[-1].startswith(
       f'agrivision_jax.main: error: workdir {workdir} is in use by pid {first.pid}')
-  first.send_signal(signal.SIGTERM)
-  assert finish(first) == 128 + signal.SIGTERM, first.log[-3000:]
+  first.send_signal(signal.SIGTERM)  # delivered when it continues
+  first.send_signal(signal.SIGCONT)
+  assert_stopped_by_signal(first, signal.SIGTERM)
+
+  rerun = start(data_dir, cache, workdir)
+  read_until(rerun, 'train: ')
+  rerun.send_signal(signal.SIGINT)
+  assert_stopped_by_signal(rerun, signal.SIGINT)
+
+  rerun = start(data_dir, cache, workdir)
+  read_until(rerun, 'train: ')
+  rerun.send_signal(signal.SIGTERM)  # the second signal exits at once
+  rerun.send_signal(signal.SIGTERM)
+  assert finish(rerun) in (-signal.SIGTERM, 128 + signal.SIGTERM), rerun.log[-3000:]
+
+  rerun = start(data_dir, cache, workdir)
+  read_until(rerun, f'train: {STEPS}/{STEPS} steps')
+  rerun.kill()
+  finish(rerun)
+
+  rerun = start(data_dir, cache, workdir)
+  assert finish(rerun) == 0, rerun.log[-3000:]
+  assert_same_run(in_process_config(data_dir), workdir, reference)
+  assert writers.final_eval_done(workdir, STEPS)
 
 
 def test_a_different_model_is_refused_with_a_one_line_diff(setup):
