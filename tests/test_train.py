@@ -18,12 +18,11 @@ import pytest
 from agrivision_jax import checkpointing
 from agrivision_jax import data
 from agrivision_jax import experiment
-from agrivision_jax import losses
-from agrivision_jax import optim
 from agrivision_jax import preemption
 from agrivision_jax import train
 from agrivision_jax import writers
 from agrivision_jax.configs import common
+from step_equivalence import assert_same_step, flat, initial_variables, one_step
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TIMING_FIELDS = ('steps_per_second', 'throughput')
@@ -40,11 +39,6 @@ def records(workdir, split='train'):
           for r in writers.read_metrics(workdir) if r['split'] == split]
 
 
-def flat(variables):
-  return {jax.tree_util.keystr(k): np.asarray(v)
-          for k, v in jax.tree_util.tree_leaves_with_path(jax.device_get(variables))}
-
-
 def assert_same_variables(a: dict, b: dict) -> None:
   a, b = flat(a), flat(b)
   assert a.keys() == b.keys()
@@ -56,54 +50,6 @@ def restored(config, workdir, restore='latest'):
   config = config.copy_and_resolve_references()
   config.restore = str(restore)
   return experiment.restore_variables_and_step(config, workdir)
-
-
-def relative_difference(a: dict, b: dict, reference: dict, keys: list[str]) -> float:
-  """||a - b|| / ||reference|| over the leaves ``keys`` (all leaves as one vector)."""
-  norm = lambda f: np.sqrt(sum(np.sum(np.square(f(k)), dtype=np.float64) for k in keys))
-  return norm(lambda k: a[k] - b[k]) / norm(lambda k: reference[k])
-
-
-def assert_same_step(loss: float, variables: dict, ref_loss: float, ref_variables: dict,
-                     init: dict) -> None:
-  """One train step on two device layouts agrees up to float32 reduction-order noise.
-
-  The loss to 1e-5 relative, the norm statistics to 1e-4 of their norm, and the gradient
-  all-reduce through the logits layer's bias (its gradient is the pixel mean of d loss / d logits,
-  which depends on the forward only) to 1e-3 of its update. The whole parameter update only to
-  0.25 of its norm: this width-8 network at 32 px switches a few ReLU / max-pool / Lovasz-order
-  choices under 1e-7 forward noise, which moved the update by 1e-4 to 8e-2 across seeds 0-2
-  (two processes against one); a missing all-reduce or per-device statistics give differences of
-  order 1.
-  """
-  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
-  assert variables.keys() == ref_variables.keys() == init.keys()
-  params = [k for k in init if k.startswith("['params']")]
-  stats = [k for k in init if k.startswith("['batch_stats']")]
-  head = [k for k in params if "['last_conv_8']['bias']" in k]
-  assert params and stats and head
-  assert relative_difference(variables, ref_variables, ref_variables, stats) < 1e-4
-  update = {k: ref_variables[k] - init[k] for k in params}
-  assert relative_difference(ref_variables, init, init, params) > 1e-3  # the step moved them
-  assert relative_difference(variables, ref_variables, update, head) < 1e-3
-  assert relative_difference(variables, ref_variables, update, params) < 0.25
-
-
-def initial_variables(config) -> dict:
-  return flat(experiment.initial_variables(config, experiment.create_model(config)))
-
-
-def one_step(config, devices, batch):
-  """(loss, flat variables) after one train step of ``batch`` on ``devices``."""
-  model = experiment.create_model(config)
-  tx = optim.create_optimizer(config.optim)
-  mesh = experiment.create_mesh(devices)
-  state = experiment.create_train_state(config, model, tx, mesh)
-  step = train.make_train_step(model, losses.make_loss(config.loss, mesh), tx,
-                               optim.schedule(config.optim), mesh, config.seed)
-  state, (metrics, _) = step(state, experiment.shard_batch(batch, mesh))
-  return float(metrics.compute()['loss']), flat({'params': state.params,
-                                                 'batch_stats': state.batch_stats})
 
 
 @pytest.fixture(scope='module')
