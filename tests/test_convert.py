@@ -125,6 +125,7 @@ def test_imagenet_backbone_parity(mode, container, tmp_path):
       ref.assert_close(outputs[name], ref.to_nhwc(want), what=f'{mode} {name}')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mode,prefix', [('a', ''), ('s', 'module.')])
 def test_deeplab_checkpoint_logits_parity(mode, prefix, tmp_path):
   """An authors' DeepLabV3+ checkpoint (3 low-level features, OS16, 4 channels) converts
@@ -204,6 +205,7 @@ def test_ibn_s_and_ab_from_ibn_a_leave_the_new_norms_fresh():
   assert all(k.startswith('fc.') or k.endswith('num_batches_tracked') for k in plan.ignored)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('arch', ['resnet50', 'resnet101'])
 def test_full_width_key_coverage(arch):
   """Full-width ImageNet files (torchvision key count by formula) and DeepLabV3+ checkpoints plan
@@ -459,6 +461,7 @@ def _check_accounting(plan, state_keys, config, mode):
   assert sn if mode == 's' else not sn
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('arch', ['resnet50', 'resnet101'])
 def test_published_imagenet_key_sets_full_width(arch):
   """The exact key set and shapes of each downloadable file (shapes only) plans for its rows:
@@ -486,6 +489,7 @@ def test_published_imagenet_key_sets_full_width(arch):
       assert plan.used['conv1.weight'][1].endswith('(NIR) = R filter')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('container', ['pth', 'safetensors'])
 def test_published_imagenet_files_convert_every_tensor(container, tmp_path):
   """Full-size ResNet-50 files with each published key set, random values, as .pth and

@@ -220,6 +220,7 @@ def test_every_data_error_pickles_with_its_message(work_dir, tmp_path):
     assert getattr(copy, 'path', None) == getattr(error, 'path', None)
 
 
+@pytest.mark.slow
 def test_skip_drops_exactly_the_bad_tiles_and_reports_them(work_dir, tmp_path, caplog):
   all_ids = ids_of(work_dir)
   bad = {all_ids[i]: fn(work_dir, all_ids[i])

@@ -54,6 +54,7 @@ def test_interpolation_matrix_rows():
   np.testing.assert_array_equal(matrix[[0, -1]], np.eye(4)[[0, -1]])  # corners align
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('conv_impl', CONV_IMPLS)
 @pytest.mark.parametrize('num_low_level_features,ibn_mode,output_stride',
                          [(1, 'a', 16), (3, 's', 8)])
@@ -102,6 +103,7 @@ def test_backbone_layer_names():
     models.backbone_layer_names('resnet18')
 
 
+@pytest.mark.slow
 def test_init_variables():
   model = _model(TINY)
   variables = models.init_variables(model, jax.random.key(0), (2, 72, 88, 4))
@@ -173,6 +175,7 @@ def test_bad_images_raise_value_error():
     jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3))))
 
 
+@pytest.mark.slow
 def test_conv_impls_build_the_same_model():
   """'xla' and 'cpu_gemm': the same variables (names, shapes), train-mode logits, batch statistics
   and parameter gradients. Compared in float64 (to 1e-9): in float32 the gradients of a
@@ -250,6 +253,7 @@ def _torch_param_count(arch: str, ibn_mode: str) -> int:
   return sum(p.numel() for p in net.parameters())
 
 
+@pytest.mark.slow
 def test_parameter_counts_equal_the_reference():
   rows = []
   for arch in ('resnet50', 'resnet101'):

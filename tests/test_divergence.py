@@ -180,6 +180,7 @@ def tiny_r50(tiny_model_config, random_variables):
   return model, random_variables(model)
 
 
+@pytest.mark.slow
 def test_streaming_statistics_match_direct_computation_for_any_batch_size(tiny_r50):
   model, variables = tiny_r50
   mesh = experiment.create_mesh(jax.devices()[:1])
@@ -296,6 +297,7 @@ def test_every_block_is_captured(tiny_model_config, arch, count):
     assert areas[name].shape == (2,)
 
 
+@pytest.mark.slow
 def test_run_writes_json_stats_and_plot(tiny_experiment_config, random_variables,
                                         synthetic_data_dir, tmp_path, monkeypatch):
   config = tiny_experiment_config(synthetic_data_dir)

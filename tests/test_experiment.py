@@ -48,6 +48,7 @@ def test_shard_batch_splits_the_batch_over_the_data_axis():
     np.testing.assert_array_equal(np.asarray(shards[3].data), batch[key][3:4])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('modality, channels', [('nrgb', 4), ('rgb', 3)])
 def test_abstract_train_state_is_the_twin_of_the_real_one(tiny_config, modality, channels):
   config = tiny_config(modality=modality)

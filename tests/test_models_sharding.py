@@ -31,6 +31,7 @@ def _all_reduces(compiled_text: str) -> int:
   return len(re.findall(r'= \S+ all-reduce(?:-start)?\(', compiled_text))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('conv_impl', ['xla', 'cpu_gemm'])
 def test_sharded_forward_equals_single_device(conv_impl):
   assert jax.device_count() == 8

@@ -19,6 +19,7 @@ def _dihedral_images(shape, seed):
   return jnp.asarray(np.random.default_rng(seed).normal(size=shape).astype(np.float32))
 
 
+@pytest.mark.slow
 def test_d4_tta_output_is_equivariant_to_every_dihedral_transform(tiny_model):
   _, _, forward = tiny_model
   images = _dihedral_images((6, 32, 32, 4), 0)
@@ -76,6 +77,7 @@ def trained_workdir(tiny_workdir, tmp_path):
   return config.copy_and_resolve_references(), copy
 
 
+@pytest.mark.slow
 def test_predict_val_writes_index_pngs_overlays_and_the_official_miou(trained_workdir, tiny_model):
   config, workdir = trained_workdir
   config = config.copy_and_resolve_references()
@@ -109,6 +111,7 @@ def test_predict_val_writes_index_pngs_overlays_and_the_official_miou(trained_wo
   assert overlays == sorted(f"{e['id']}.png" for e in examples[:2])
 
 
+@pytest.mark.slow
 def test_predict_test_split_without_labels(trained_workdir):
   config, workdir = trained_workdir
   config = config.copy_and_resolve_references()

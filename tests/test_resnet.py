@@ -35,6 +35,7 @@ def test_bottleneck_parity(mode, stride, dilation, downsample, conv_impl):
                    _images(3, (2, 13, 10, inplanes)), lambda y: [y])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('mode,output_stride,multi_grid,in_channels,conv_impl', [
     *[(mode, 16, (1, 2, 4), 4, 'cpu_gemm') for mode in IBN_MODES],
     *[(mode, 8, (1, 2, 4), 4, 'cpu_gemm') for mode in IBN_MODES],

@@ -242,6 +242,7 @@ def test_nan_loss_stops_and_last_checkpoint_restores(config, tmp_path, monkeypat
   assert step == 2 and all(np.isfinite(v).all() for v in flat(variables).values())
 
 
+@pytest.mark.slow
 def test_init_from_replaces_exactly_the_converted_leaves(config, tmp_path, monkeypatch):
   from agrivision_jax import convert  # pylint: disable=g-import-not-at-top
   model = experiment.create_model(config)
