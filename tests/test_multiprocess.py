@@ -20,6 +20,24 @@ from step_equivalence import assert_same_step, flat, initial_variables, one_step
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+# Runs train_and_evaluate in one of two processes; the config arrives as JSON.
+WORKER = """
+import json, sys
+import jax
+jax.config.update('jax_num_cpu_devices', 2)
+jax.config.update('jax_default_matmul_precision', 'highest')
+from absl import flags, logging
+flags.FLAGS.mark_as_parsed()
+logging.set_verbosity(logging.INFO)
+import ml_collections
+from agrivision_jax import train
+config = ml_collections.ConfigDict(json.loads(sys.argv[1]))
+config.model.multi_grid = tuple(config.model.multi_grid)
+train.train_and_evaluate(config, sys.argv[2])
+assert jax.process_count() == 2 and jax.device_count() == 4, (jax.process_count(), jax.devices())
+"""
+
+
 def free_port() -> int:
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
