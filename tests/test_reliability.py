@@ -23,8 +23,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 8
 TIMING_FIELDS = ('steps_per_second', 'throughput')
 
-# One worker runs them all: the module's reference training subprocess runs once.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group('reliability')]
+pytestmark = pytest.mark.slow
 
 
 def overrides(data_dir: str) -> list[str]:
