@@ -3,7 +3,6 @@
 import errno
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -15,6 +14,7 @@ import pytest
 from etils import epath
 
 from agrivision_jax import checkpointing
+from two_processes import free_address, run_two_processes
 
 # orbax leaves the read coroutines of a failed restore unawaited; they warn when collected.
 pytestmark = pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
@@ -229,21 +229,9 @@ _TWO_PROCESSES = textwrap.dedent('''
 
 
 def _run_two_processes(*args) -> list[str]:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    address = f'127.0.0.1:{s.getsockname()[1]}'
-  workers = [subprocess.Popen([sys.executable, '-c', _TWO_PROCESSES, address, str(i), *args],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env={**os.environ, 'PYTHONPATH': os.getcwd()}) for i in range(2)]
-  outputs = []
-  for worker in workers:
-    try:
-      outputs.append(worker.communicate(timeout=300)[0])
-    finally:
-      worker.kill()
-  for worker, output in zip(workers, outputs):
-    assert worker.returncode == 0, output[-3000:]
-  return outputs
+  address = free_address()
+  return run_two_processes(_TWO_PROCESSES, lambda i: [address, str(i), *args],
+                           lambda i: {**os.environ, 'PYTHONPATH': os.getcwd()})
 
 
 @pytest.mark.slow

@@ -4,9 +4,6 @@
 import json
 import os
 import pathlib
-import socket
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -16,6 +13,7 @@ from agrivision_jax import data
 from agrivision_jax import experiment
 from agrivision_jax import writers
 from step_equivalence import assert_same_step, flat, initial_variables, one_step
+from two_processes import free_address, run_two_processes
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -38,12 +36,6 @@ assert jax.process_count() == 2 and jax.device_count() == 4, (jax.process_count(
 """
 
 
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_match_one_process_with_four_devices(tiny_config, synthetic_data_dir,
                                                            tmp_path):
@@ -52,21 +44,11 @@ def test_two_processes_match_one_process_with_four_devices(tiny_config, syntheti
   config.checkpoint_every_steps = 1
   config.distributed = True
   workdir = str(tmp_path / 'run')
-  env = {**os.environ, 'JAX_COORDINATOR_ADDRESS': f'127.0.0.1:{free_port()}',
-         'JAX_NUM_PROCESSES': '2', 'PYTHONPATH': str(ROOT)}
-  workers = [
-      subprocess.Popen([sys.executable, '-c', WORKER, config.to_json(), workdir],
-                       env={**env, 'JAX_PROCESS_ID': str(i)}, cwd=str(ROOT),
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-      for i in range(2)]
-  outputs = []
-  for worker in workers:
-    try:
-      outputs.append(worker.communicate(timeout=400)[0])
-    finally:
-      worker.kill()
-  for worker, output in zip(workers, outputs):
-    assert worker.returncode == 0, output[-4000:]
+  env = {**os.environ, 'JAX_COORDINATOR_ADDRESS': free_address(), 'JAX_NUM_PROCESSES': '2',
+         'PYTHONPATH': str(ROOT)}
+  outputs = run_two_processes(WORKER, lambda i: [config.to_json(), workdir],
+                              lambda i: {**env, 'JAX_PROCESS_ID': str(i)}, timeout=400,
+                              cwd=str(ROOT))
 
   # One process, 4 devices, the same global batch: process p's share is rows [4p, 4p + 4).
   shares = [next(data.create_train_iterator(config.data, config.seed, p, 2)) for p in range(2)]

@@ -2,7 +2,6 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -12,6 +11,7 @@ import pytest
 from agrivision_jax import checkpointing
 from agrivision_jax import preemption
 from agrivision_jax import writers
+from two_processes import free_address, run_two_processes
 
 # Counts loop iterations; reports when the request is seen and that it keeps running after it.
 _LOOP = textwrap.dedent('''
@@ -135,20 +135,10 @@ _AGREE = textwrap.dedent('''
 
 @pytest.mark.slow
 def test_request_agreed_across_processes():
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    address = f'127.0.0.1:{s.getsockname()[1]}'
-  workers = [subprocess.Popen([sys.executable, '-c', _AGREE, address, str(i)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env={**os.environ, 'PYTHONPATH': os.getcwd()}) for i in range(2)]
-  outputs = []
-  for worker in workers:
-    try:
-      outputs.append(worker.communicate(timeout=300)[0])
-    finally:
-      worker.kill()
-  for worker, output in zip(workers, outputs):
-    assert worker.returncode == 0, output[-3000:]
+  address = free_address()
+  outputs = run_two_processes(_AGREE, lambda i: [address, str(i)],
+                              lambda i: {**os.environ, 'PYTHONPATH': os.getcwd()})
+  for output in outputs:
     # Signalled at call 5, agreed at the next multiple of 3.
     assert [l for l in output.splitlines() if l.startswith('STOP')] == ['STOP AT 6'], output
 
