@@ -18,7 +18,6 @@ import tensorboardX
 from absl import logging
 from etils import epath
 
-from agrivision_jax import progress
 from agrivision_jax import workdir as workdir_lib
 
 METRICS_FILE = 'metrics.jsonl'
@@ -223,9 +222,3 @@ def final_eval_done(workdir: str, step: int) -> bool:
     return False
   return any(r.get('split') == 'val' and r.get('step') == step and r.get('final') is True
              for r in read_metrics(workdir))
-
-
-def progress_line(step: int, total_steps: int, loss: float, steps_per_second: float) -> str:
-  """The training progress line (kept for train.py until it calls ``progress.format_progress``)."""
-  return progress.format_progress('train', step, total_steps, steps_per_second, unit='steps',
-                                  extra=f'loss {loss:.4f}')

@@ -11,7 +11,6 @@ from PIL import Image
 
 from agrivision_jax import data as data_lib
 from agrivision_jax import predict
-from agrivision_jax import progress
 from agrivision_jax import tta
 
 
@@ -137,9 +136,3 @@ def test_bad_tta_mode_is_named(tiny_experiment_config, tmp_path):
   config.predict.tta = 'd8'
   with pytest.raises(ValueError, match='config.predict.tta'):
     predict.run(config, str(tmp_path))
-
-
-def test_progress_line_shows_tiles_per_second_and_eta():
-  assert progress.format_progress('predict val', 120, 400, 10.0) == (
-      'predict val: 120/400 tiles  10.0 tiles/s  ETA 0:00:28')
-  assert progress.format_progress('predict test', 5, 3605, 1.0).endswith('ETA 1:00:00')
