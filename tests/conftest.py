@@ -43,6 +43,19 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SYNTHETIC = dict(num_train=24, num_val=6, num_test=3, size=32, seed=0)
 
 
+# The modules that take longest (training subprocesses and runs), started first: under
+# ``--dist loadfile`` each module runs whole on one worker, in collection order, so a long module
+# collected last would leave the other worker idle at the end.
+LONGEST_FIRST = ('test_reliability', 'test_multiprocess', 'test_train', 'test_benchmark',
+                 'test_gpu_benchmark', 'test_deeplab', 'test_data_pipeline')
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+  """Orders the test modules ``LONGEST_FIRST``, then the rest as collected."""
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))
+
+
 @pytest.fixture(scope='session', autouse=True)
 def compilation_cache(tmp_path_factory):
   """A persistent compilation cache for this session, shared by the xdist workers."""
