@@ -89,12 +89,10 @@ def _compare(model, variables, images) -> str:
   return forward_8.as_text()
 
 
-@pytest.mark.parametrize('axis_type', [AxisType.Auto, AxisType.Explicit])
-@pytest.mark.parametrize('group_size', [2, 8, 0])
-def test_switchable_norm_groups_sharded_equal_one_device(group_size, axis_type):
-  """16 images on 8 devices, SN statistics over groups of 2 (inside a device's shard), 8 (over
-  4 devices) or all 16 (global): the sharded result equals one device's, under Auto and Explicit
-  mesh axes."""
+def _switchable_norm_on_8_devices(group_size: int, axis_type: AxisType):
+  """(layer, forward, (variables, x) on one device, (variables, x) on 8): a SwitchableNorm over
+  16 images (5x7, 6 channels); ``forward(variables, x) -> (y, batch_stats)`` in train mode; on
+  8 devices x is batch-sharded and the variables replicated."""
   layer = norms.SwitchableNorm(group_size=group_size)
   x = np.random.default_rng(5).standard_normal((16, 5, 7, 6)).astype(np.float32) + 0.3
   variables = layer.init(jax.random.key(0), x, train=False)
@@ -104,10 +102,20 @@ def test_switchable_norm_groups_sharded_equal_one_device(group_size, axis_type):
     return y, updates['batch_stats']
 
   mesh = jax.make_mesh((8,), ('data',), axis_types=(axis_type,))
-  sharded = jax.device_put(x, NamedSharding(mesh, P('data')))
-  replicated = jax.device_put(variables, NamedSharding(mesh, P()))
-  y_8, stats_8 = jax.jit(forward)(replicated, sharded)
-  y_1, stats_1 = jax.jit(forward)(variables, x)
+  sharded = (jax.device_put(variables, NamedSharding(mesh, P())),
+             jax.device_put(x, NamedSharding(mesh, P('data'))))
+  return layer, forward, (variables, x), sharded
+
+
+@pytest.mark.parametrize('axis_type', [AxisType.Auto, AxisType.Explicit])
+@pytest.mark.parametrize('group_size', [2, 8, 0])
+def test_switchable_norm_groups_sharded_equal_one_device(group_size, axis_type):
+  """16 images on 8 devices, SN statistics over groups of 2 (inside a device's shard), 8 (over
+  4 devices) or all 16 (global): the sharded result equals one device's, under Auto and Explicit
+  mesh axes."""
+  _, forward, one_device, eight_devices = _switchable_norm_on_8_devices(group_size, axis_type)
+  y_8, stats_8 = jax.jit(forward)(*eight_devices)
+  y_1, stats_1 = jax.jit(forward)(*one_device)
   ref.assert_close(y_8, y_1, rel=1e-5, what='output')
   for name in ('mean', 'var'):
     ref.assert_close(stats_8[name], stats_1[name], rel=1e-5, what=name)
@@ -118,17 +126,9 @@ def test_switchable_norm_groups_inside_a_shard_need_no_communication(group_size,
   """16 images on 8 devices (Auto axes, as the train step): groups of 2 lie inside a device's
   shard, so the normalisation needs no all-reduce; the one left broadcasts the first group's
   statistics into the replicated running statistics."""
-  layer = norms.SwitchableNorm(group_size=group_size)
-  x = np.random.default_rng(5).standard_normal((16, 5, 7, 6)).astype(np.float32) + 0.3
-  variables = layer.init(jax.random.key(0), x, train=False)
-
-  def forward(variables, x):
-    y, updates = layer.apply(variables, x, train=True, mutable=['batch_stats'])
-    return y, updates['batch_stats']
-
-  mesh = jax.make_mesh((8,), ('data',), axis_types=(AxisType.Auto,))
-  sharded = jax.device_put(x, NamedSharding(mesh, P('data')))
-  replicated = jax.device_put(variables, NamedSharding(mesh, P()))
+  layer, forward, _, (replicated, sharded) = _switchable_norm_on_8_devices(group_size,
+                                                                          AxisType.Auto)
+  mesh = sharded.sharding.mesh
   compiled = jax.jit(forward, out_shardings=(NamedSharding(mesh, P('data')),
                                              NamedSharding(mesh, P()))).lower(
                                                  replicated, sharded).compile()
