@@ -122,15 +122,18 @@ def test_every_interruption_resumes_to_the_uninterrupted_run(setup, tmp_path):
   workdir = str(tmp_path)
 
   first = start(data_dir, cache, workdir)
-  read_until(first, 'train: 1/')
-  first.send_signal(signal.SIGSTOP)  # holds it (and the workdir's lock) mid-training
-  second = start(data_dir, cache, workdir)
-  assert finish(second) == 1
-  assert second.log.strip().splitlines()[-1].startswith(
-      f'agrivision_jax.main: error: workdir {workdir} is in use by pid {first.pid}')
-  first.send_signal(signal.SIGTERM)  # delivered when it continues
-  first.send_signal(signal.SIGCONT)
-  assert_stopped_by_signal(first, signal.SIGTERM)
+  try:
+    read_until(first, 'train: 1/')
+    first.send_signal(signal.SIGSTOP)  # holds it (and the workdir's lock) mid-training
+    second = start(data_dir, cache, workdir)
+    assert finish(second) == 1
+    assert second.log.strip().splitlines()[-1].startswith(
+        f'agrivision_jax.main: error: workdir {workdir} is in use by pid {first.pid}')
+    first.send_signal(signal.SIGTERM)  # delivered when it continues
+    first.send_signal(signal.SIGCONT)
+    assert_stopped_by_signal(first, signal.SIGTERM)
+  finally:
+    first.kill()  # nothing once it has exited; a failed check above must not leave it stopped
 
   rerun = start(data_dir, cache, workdir)
   read_until(rerun, 'train: ')
