@@ -61,7 +61,7 @@ def test_normalize_matches_hand_computed_values():
   nrgb = data.normalize(image, 'nrgb')
   expected = [(0 - 0.485) / 0.229, (128 / 255 - 0.456) / 0.224, (1 - 0.406) / 0.225,
               (64 / 255 - 0.485) / 0.229]
-  assert nrgb.dtype == np.float32 and nrgb.shape == (1, 1, 4)
+  assert nrgb.dtype == np.float32 and nrgb.shape == (1, 1, 4) and nrgb.flags.c_contiguous
   np.testing.assert_allclose(nrgb[0, 0], expected, rtol=1e-6)
   np.testing.assert_allclose(data.normalize(image, 'rgb')[0, 0], expected[:3], rtol=1e-6)
   np.testing.assert_allclose(data.normalize(image, 'nir')[0, 0], [expected[3]] * 3, rtol=1e-6)
@@ -75,6 +75,8 @@ def test_train_batches_follow_the_contract(data_dir, modality, channels):
   assert batch['image'].shape == (3, SIZE, SIZE, channels) and batch['image'].dtype == np.float32
   assert batch['labels'].shape == (3, SIZE, SIZE, 7) and batch['labels'].dtype == np.uint8
   assert batch['valid'].shape == (3, SIZE, SIZE) and batch['valid'].dtype == bool
+  # grain worker processes hand over only C-contiguous arrays through shared memory.
+  assert all(array.flags.c_contiguous for array in batch.values())
   assert set(np.unique(batch['labels'])) <= {0.0, 1.0}
   assert not batch['labels'][~batch['valid']].any()
   # Every valid pixel has at least one class: background where no pattern is.

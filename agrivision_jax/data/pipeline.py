@@ -46,10 +46,12 @@ def normalize(image: np.ndarray, modality: str) -> np.ndarray:
     image: uint8 (..., H, W, 4) R,G,B,NIR.
     modality: 'nrgb' -> R,G,B,NIR; 'rgb' -> R,G,B; 'nir' -> NIR,NIR,NIR.
   Returns:
-    float32 (..., H, W, Cin).
+    float32 (..., H, W, Cin), C-contiguous (grain worker processes hand only C-contiguous arrays
+    over through shared memory; others are pickled through a pipe).
   """
   channels = list(MODALITIES[modality])
-  scaled = image[..., channels].astype(np.float32) * np.float32(1 / 255)
+  # Indexing the last axis with a list gives a channels-outermost layout: copy to C order.
+  scaled = image[..., channels].astype(np.float32, order='C') * np.float32(1 / 255)
   return (scaled - _MEAN[channels]) / _STD[channels]
 
 
