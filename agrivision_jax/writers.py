@@ -9,16 +9,37 @@ stores cannot append.
 import datetime
 import json
 import math
+import sys
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
-import tensorboardX
 from absl import logging
 from etils import epath
 
 from agrivision_jax import workdir as workdir_lib
+
+
+def _import_tensorboardx():
+  """tensorboardX, imported without PyTorch where PyTorch is installed but not yet imported.
+
+  tensorboardX's writer imports torch (1-2 s at start-up) only to recognise torch tensors, and
+  this module passes it Python floats. A ``None`` entry in ``sys.modules`` makes that import fail
+  fast; it is removed again, so a later ``import torch`` works as usual.
+  """
+  if 'torch' in sys.modules:
+    import tensorboardX  # pylint: disable=g-import-not-at-top
+    return tensorboardX
+  sys.modules['torch'] = None
+  try:
+    import tensorboardX  # pylint: disable=g-import-not-at-top
+  finally:
+    del sys.modules['torch']
+  return tensorboardX
+
+
+tensorboardX = _import_tensorboardx()
 
 METRICS_FILE = 'metrics.jsonl'
 CONFIG_FILE = 'config.json'
