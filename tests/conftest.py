@@ -47,11 +47,15 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SYNTHETIC = dict(num_train=24, num_val=6, num_test=3, size=32, seed=0)
 
 
-# The modules that take longest (training subprocesses and runs), started first: under
-# ``--dist loadfile`` each module runs whole on one worker, in collection order, so a long module
-# collected last would leave the other worker idle at the end.
-LONGEST_FIRST = ('test_reliability', 'test_multiprocess', 'test_train', 'test_benchmark',
-                 'test_gpu_benchmark', 'test_deeplab', 'test_data_pipeline')
+# The modules that take longest, longest first (the sum of their tests' durations, measured with
+# ``--durations=0``): under ``--dist loadfile --no-loadscope-reorder`` (pyproject.toml) each module
+# runs whole on one worker and the modules are handed out in collection order, so a long module
+# collected last would leave the other worker idle at the end. (xdist's default reorder hands out
+# the modules with the most tests first, whatever they cost.)
+LONGEST_FIRST = ('test_train', 'test_reliability', 'test_deeplab', 'test_multiprocess',
+                 'test_resnet', 'test_benchmark', 'test_convert', 'test_divergence',
+                 'test_models_sharding', 'test_gpu_benchmark', 'test_preemption', 'test_field',
+                 'test_predict')
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
