@@ -20,6 +20,7 @@ from absl import app
 from absl import flags
 
 from agrivision_jax import data
+from agrivision_jax.configs import common
 from agrivision_jax.data import augment
 from agrivision_jax.data import pipeline
 from agrivision_jax.data import prepare
@@ -36,11 +37,13 @@ SIZE = 512
 
 
 def data_config(data_dir: str, source: str, num_workers: int) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      source=source, data_dir=data_dir, version='2020', modality='nrgb', image_size=SIZE,
-      batch_size=8, eval_batch_size=8, num_workers=num_workers, on_bad_example='error',
-      augment=dict(shift_scale_rotate=True, hflip=True, vflip=True, rot90=True),
-      synthetic=dict(num_train=_NUM_TILES.value, num_val=1, num_test=1, size=SIZE, seed=0)))
+  """The paper configs' config.data (augmentations on) for ``source`` at 512 px, batch 8."""
+  config = common.get_config('depth=50').data
+  config.update(dict(source=source, data_dir=data_dir, image_size=SIZE, batch_size=8,
+                     eval_batch_size=8, num_workers=num_workers))
+  config.synthetic.update(dict(num_train=_NUM_TILES.value, num_val=1, num_test=1, size=SIZE,
+                               seed=0))
+  return config
 
 
 def time_stages(source, augment_config: ml_collections.ConfigDict) -> dict[str, float]:

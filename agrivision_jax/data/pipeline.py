@@ -50,9 +50,11 @@ def normalize(image: np.ndarray, modality: str) -> np.ndarray:
     over through shared memory; others are pickled through a pipe).
   """
   channels = list(MODALITIES[modality])
-  # Indexing the last axis with a list gives a channels-outermost layout: copy to C order.
-  scaled = image[..., channels].astype(np.float32, order='C') * np.float32(1 / 255)
-  return (scaled - _MEAN[channels]) / _STD[channels]
+  # Indexing the last axis with a list gives a channels-outermost layout, in which the arithmetic
+  # runs over whole planes (3x faster than over C-order pixels of 3-4 values); then one copy to
+  # C order.
+  scaled = image[..., channels].astype(np.float32) * np.float32(1 / 255)
+  return np.ascontiguousarray((scaled - _MEAN[channels]) / _STD[channels])
 
 
 def batch_element(example: dict[str, Any], modality: str) -> dict[str, np.ndarray]:
