@@ -4,6 +4,8 @@ import glob
 import json
 import os
 import struct
+import subprocess
+import sys
 
 import ml_collections
 import pytest
@@ -125,3 +127,16 @@ def test_format_progress():
       'train: 120/400 steps  3.21 steps/s  ETA 0:01:27  loss 0.4312')   # 280 / 3.2142 = 87.1 s
   assert progress.format_progress('x', 5, 3605, 1.0).endswith('ETA 1:00:00')
   assert progress.format_progress('x', 0, 10, 0.0).endswith('ETA ?')
+
+
+@pytest.mark.slow  # a subprocess
+def test_training_imports_no_pytorch_and_pytorch_still_imports_afterwards():
+  """tensorboardX alone would import PyTorch (1-2 s of every training start-up)."""
+  code = ('import sys\n'
+          'from agrivision_jax import train\n'
+          'assert "torch" not in sys.modules, "torch imported"\n'
+          'import torch\n'
+          'assert torch.zeros(2).sum().item() == 0\n')
+  result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                          timeout=120, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
