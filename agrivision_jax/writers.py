@@ -28,14 +28,14 @@ def _import_tensorboardx():
   this module passes it Python floats. A ``None`` entry in ``sys.modules`` makes that import fail
   fast; it is removed again, so a later ``import torch`` works as usual.
   """
-  if 'torch' in sys.modules:
-    import tensorboardX  # pylint: disable=g-import-not-at-top
-    return tensorboardX
-  sys.modules['torch'] = None
+  block = 'torch' not in sys.modules
+  if block:
+    sys.modules['torch'] = None
   try:
     import tensorboardX  # pylint: disable=g-import-not-at-top
   finally:
-    del sys.modules['torch']
+    if block:
+      del sys.modules['torch']
   return tensorboardX
 
 
