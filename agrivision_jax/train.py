@@ -8,6 +8,7 @@ run. Mesh, sharding, model and train state come from
 ``agrivision_jax.experiment``.
 """
 
+import functools
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -46,23 +47,31 @@ class TrainMetrics(clu_metrics.Collection):
   lr: clu_metrics.LastValue.from_output('lr')
 
 
-def make_train_step(model: flax.linen.Module, loss_fn: Callable, tx: optax.GradientTransformation,
-                    lr_schedule: optax.Schedule, mesh: jax.sharding.Mesh, seed: int) -> Callable:
-  """Builds the jitted train step.
+def make_train_step(config: ml_collections.ConfigDict, model: flax.linen.Module,
+                    mesh: jax.sharding.Mesh) -> Callable:
+  """The jitted train step of ``model`` with ``config``'s loss, optimizer and seed on ``mesh``.
 
-  Args:
-    model: the DeepLabV3+ module.
-    loss_fn: ``losses.make_loss(config.loss, mesh)``: (logits, labels, valid) -> scalar.
-    tx: the optimizer.
-    lr_schedule: for the 'lr' metric (the rate this step's update used).
-    mesh: batch sharded over its 'data' axis, everything else replicated.
-    seed: the dropout rng of step s is ``fold_in(key(seed) -> 1, s)``.
+  Equal (model, config.loss, config.optim, config.seed, mesh) give the same jitted function (up
+  to 8 are kept), so a second run in one process (a notebook, a sweep, the tests) reuses its
+  traces and executables instead of tracing and compiling again.
 
   Returns:
     ``step(state, batch) -> (state, (TrainMetrics, counts))``; ``state`` is donated; ``batch``
     holds global image (B,H,W,Cin), labels (B,H,W,C), valid (B,H,W); ``counts`` is
-    ``metrics.batch_counts`` of the batch (official confusion matrix (C,C) int32).
+    ``metrics.batch_counts`` of the batch (official confusion matrix (C,C) int32). The loss is
+    ``losses.make_loss(config.loss, mesh)``; the 'lr' metric is the rate this step's update used;
+    the dropout rng of step s is ``fold_in(key(seed) -> 1, s)``.
   """
+  return _train_step(model, ml_collections.FrozenConfigDict(config.loss),
+                     ml_collections.FrozenConfigDict(config.optim), config.seed, mesh)
+
+
+@functools.lru_cache(maxsize=8)
+def _train_step(model: flax.linen.Module, loss_config: ml_collections.FrozenConfigDict,
+                optim_config: ml_collections.FrozenConfigDict, seed: int,
+                mesh: jax.sharding.Mesh) -> Callable:
+  loss_fn = losses.make_loss(loss_config, mesh)
+  tx, lr_schedule = optim.create_optimizer(optim_config), optim.schedule(optim_config)
   replicated, data = experiment.replicated(mesh), NamedSharding(mesh, P('data'))
   dropout_root = jax.random.fold_in(jax.random.key(seed), 1)
 
@@ -91,15 +100,23 @@ def make_train_step(model: flax.linen.Module, loss_fn: Callable, tx: optax.Gradi
                  out_shardings=(replicated, replicated), donate_argnums=(0,))
 
 
-def make_eval_step(model: flax.linen.Module, loss_fn: Callable,
+def make_eval_step(config: ml_collections.ConfigDict, model: flax.linen.Module,
                    mesh: jax.sharding.Mesh) -> Callable:
-  """Builds the jitted eval step.
+  """The jitted eval step of ``model`` with ``config``'s loss on ``mesh``; equal (model,
+  config.loss, mesh) give the same jitted function, as in ``make_train_step``.
 
   Returns:
     ``step(variables, batch) -> (loss, counts)``: ``loss`` a clu Average of the batch loss
     weighted by its number of valid pixels (weight 0 for an all-padding batch), ``counts``
     ``metrics.batch_counts`` of the batch.
   """
+  return _eval_step(model, ml_collections.FrozenConfigDict(config.loss), mesh)
+
+
+@functools.lru_cache(maxsize=8)
+def _eval_step(model: flax.linen.Module, loss_config: ml_collections.FrozenConfigDict,
+               mesh: jax.sharding.Mesh) -> Callable:
+  loss_fn = losses.make_loss(loss_config, mesh)
   replicated, data = experiment.replicated(mesh), NamedSharding(mesh, P('data'))
 
   def step(variables, batch):
@@ -227,8 +244,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh = experiment.setup(config)
   writers.check_config_compatible(config, workdir)
   model = experiment.create_model(config)
-  loss_fn = losses.make_loss(config.loss, mesh)
-  tx, lr_schedule = optim.create_optimizer(config.optim), optim.schedule(config.optim)
+  tx = optim.create_optimizer(config.optim)
   names = data_lib.class_names(config.data.version)
   total = config.num_train_steps
   index, count = jax.process_index(), jax.process_count()
@@ -249,7 +265,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
            'nothing to do', workdir, start_step, total)
       return {}
     best = checkpointing.BestCheckpoint(workdir)
-    eval_step = make_eval_step(model, loss_fn, mesh)
+    eval_step = make_eval_step(config, model, mesh)
 
     def validate(step: int) -> dict[str, float]:
       variables = {'params': state.params, 'batch_stats': state.batch_stats}
@@ -274,7 +290,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       return (f'the last good checkpoint (step {last}) in {checkpointing.checkpoint_dir(workdir)}'
               ' is intact' if last is not None else 'no checkpoint had been saved yet')
 
-    train_step = make_train_step(model, loss_fn, tx, lr_schedule, mesh, config.seed)
+    train_step = make_train_step(config, model, mesh)
     log = _TrainLog(names, start_step)
     val_metrics: dict[str, float] = {}
     with preemption.StopSignals() as stop:
@@ -331,8 +347,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, split: str = 'val'
   names = data_lib.class_names(config.data.version)
   batches = data_lib.create_eval_iterator(config.data, split, jax.process_index(),
                                           jax.process_count())
-  result = evaluate_split(make_eval_step(model, losses.make_loss(config.loss, mesh), mesh), variables,
-                          batches, mesh, names)
+  result = evaluate_split(make_eval_step(config, model, mesh), variables, batches, mesh, names)
   writer = writers.MetricWriter(workdir)
   writer.write(step, split, {**result, 'modality': config.data.modality,
                              'restore': str(config.restore)})

@@ -63,7 +63,6 @@ from ml_collections import config_flags
 from agrivision_jax import configuration
 from agrivision_jax import data as data_lib
 from agrivision_jax import experiment
-from agrivision_jax import losses
 from agrivision_jax import models
 from agrivision_jax import optim
 from agrivision_jax import train
@@ -141,14 +140,12 @@ class JaxSide:
   def __init__(self, config: ml_collections.ConfigDict, batch: dict[str, np.ndarray]):
     self.mesh = experiment.create_mesh()
     model = build_model(config)
-    loss_fn = losses.make_loss(config.loss, self.mesh)
     tx = optim.create_optimizer(config.optim)
     start = time.perf_counter()
     self.state = jax.block_until_ready(experiment.create_train_state(config, model, tx, self.mesh))
     self.init_seconds = time.perf_counter() - start
     self.batch = experiment.shard_batch(batch, self.mesh)
-    step = train.make_train_step(model, loss_fn, tx, optim.schedule(config.optim), self.mesh,
-                                 config.seed)
+    step = train.make_train_step(config, model, self.mesh)
     start = time.perf_counter()
     self.train_step = step.lower(self.state, self.batch).compile()
     self.compile_seconds = time.perf_counter() - start
@@ -156,7 +153,7 @@ class JaxSide:
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     self.flops = float(cost.get('flops', 0.0)) if cost else 0.0
     self.collectives = count_collectives(self.train_step.as_text())
-    self.eval_step = train.make_eval_step(model, loss_fn, self.mesh)
+    self.eval_step = train.make_eval_step(config, model, self.mesh)
     self.metrics = None
 
   def step(self) -> Any:

@@ -2,8 +2,8 @@
 
 Set-up: 8 virtual CPU devices, float32 matmuls, absl flags parsed, and one persistent compilation
 cache for the session (shared by the xdist workers): the tiny models below are compiled again
-whenever a new jit closure is traced (every train_and_evaluate call makes one), and the cache turns
-those recompilations into disk reads.
+whenever a new jit closure is traced (each test's own jitted functions, each training
+subprocess), and the cache turns those recompilations into disk reads.
 
 Shared fixtures: the tiny configs (``tiny_config``, ``tiny_model_config``,
 ``tiny_experiment_config``), the synthetic data folder (``synthetic_data_dir``), random weights of

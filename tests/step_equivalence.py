@@ -9,7 +9,6 @@ import ml_collections
 import numpy as np
 
 from agrivision_jax import experiment
-from agrivision_jax import losses
 from agrivision_jax import optim
 from agrivision_jax import train
 
@@ -63,8 +62,7 @@ def one_step(config: ml_collections.ConfigDict, devices: list, batch: dict[str, 
   tx = optim.create_optimizer(config.optim)
   mesh = experiment.create_mesh(devices)
   state = experiment.create_train_state(config, model, tx, mesh)
-  step = train.make_train_step(model, losses.make_loss(config.loss, mesh), tx,
-                               optim.schedule(config.optim), mesh, config.seed)
+  step = train.make_train_step(config, model, mesh)
   state, (metrics, _) = step(state, experiment.shard_batch(batch, mesh))
   return float(metrics.compute()['loss']), flat({'params': state.params,
                                                  'batch_stats': state.batch_stats})

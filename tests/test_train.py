@@ -1,8 +1,8 @@
 """Training loop on a tiny model and tiny synthetic data: learning, resume, preemption, the best
 checkpoint, the final validation, sharding, NaN stop.
 
-Every run here shares one model shape, so the session's persistent compilation cache
-(conftest.py) lets the later runs skip XLA compilation.
+Every run here shares one model, loss and optimizer, so the later runs reuse the first one's
+jitted train and eval steps (``train.make_train_step``) without tracing or compiling again.
 """
 
 import json
@@ -284,3 +284,24 @@ def test_restore_without_checkpoint_names_the_workdir(config, tmp_path, restore)
   with pytest.raises(FileNotFoundError, match=f'{tmp_path}.*train into --workdir={tmp_path} '
                                               'first or set --config.init_from'):
     restored(config, str(tmp_path), restore)
+
+
+@pytest.mark.parametrize('field,value', [('loss.lambda_dice', 0.5), ('optim.momentum', 0.8),
+                                         ('seed', 7), ('model.width', 16)])
+def test_equal_configs_share_one_jitted_step_and_any_difference_builds_another(config, field,
+                                                                               value):
+  mesh = experiment.create_mesh()
+  step = train.make_train_step(config, experiment.create_model(config), mesh)
+  eval_step = train.make_eval_step(config, experiment.create_model(config), mesh)
+  same = config.copy_and_resolve_references()
+  model, fresh_mesh = experiment.create_model(same), experiment.create_mesh()
+  assert train.make_train_step(same, model, fresh_mesh) is step
+  assert train.make_eval_step(same, model, fresh_mesh) is eval_step
+  section, _, name = field.rpartition('.')
+  (same[section] if section else same)[name] = value
+  assert train.make_train_step(same, experiment.create_model(same), mesh) is not step
+  assert train.make_train_step(config, experiment.create_model(config), experiment.create_mesh(
+      jax.devices()[:4])) is not step
+  changes_eval = section in ('loss', 'model')
+  assert (train.make_eval_step(same, experiment.create_model(same), mesh) is not eval_step) == (
+      changes_eval)
