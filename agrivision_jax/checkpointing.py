@@ -16,6 +16,8 @@ Also: placing host variables on a mesh, and merging converted weights (``config.
 fresh ones.
 """
 
+import asyncio
+import contextlib
 import errno as errno_lib
 import json
 import re
@@ -202,9 +204,45 @@ def _set_iterator(data_iterator: Any, iterator_state: Any) -> None:
   data_iterator.start_prefetch()
 
 
+class _FinishingEventLoop(asyncio.SelectorEventLoop):
+  """An event loop that lets its unfinished tasks end before it closes.
+
+  orbax reads a checkpoint's arrays concurrently in a loop of its own and closes that loop as
+  soon as one read fails (a damaged file). The other reads would outlive it: their TensorStore
+  callbacks then fail on the closed loop (a traceback each on stderr, thousands for a real
+  model), and their orphaned coroutines raise when garbage-collected later, at a random point
+  of the run (inside an import, that breaks the import). Here they end first, their errors
+  collected with the failed restore's.
+  """
+
+  def close(self) -> None:
+    pending = [task for task in asyncio.all_tasks(self) if not task.done()]
+    if pending and not self.is_running() and not self.is_closed():
+      self.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    super().close()
+
+
+class _FinishingEventLoopPolicy(asyncio.DefaultEventLoopPolicy):
+
+  def new_event_loop(self) -> asyncio.AbstractEventLoop:
+    return _FinishingEventLoop()
+
+
+@contextlib.contextmanager
+def _event_loops_finish_their_tasks():
+  """Event loops created inside (orbax's) are ``_FinishingEventLoop``s."""
+  previous = asyncio.get_event_loop_policy()
+  asyncio.set_event_loop_policy(_FinishingEventLoopPolicy())
+  try:
+    yield
+  finally:
+    asyncio.set_event_loop_policy(previous)
+
+
 def _restore_arrays(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> Any:
-  return manager.restore(step, args=ocp.args.Composite(
-      **{STATE: ocp.args.StandardRestore(abstract_state)}))[STATE]
+  with _event_loops_finish_their_tasks():
+    return manager.restore(step, args=ocp.args.Composite(
+        **{STATE: ocp.args.StandardRestore(abstract_state)}))[STATE]
 
 
 def _restore_phases(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
@@ -257,9 +295,6 @@ def restore_step(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
     CheckpointRestoreError: one line naming the step directory, the file where known, and why.
   """
   return _restore_phases(manager, step, abstract_state, data_iterator, agree=None)
-
-
-restore = restore_step   # the name train.py used before restore_newest / resolve_restore
 
 
 def _agree(ok: bool) -> bool:
