@@ -2,7 +2,6 @@
 
 import errno
 import gc
-import json
 import os
 import subprocess
 import sys

@@ -1,7 +1,6 @@
 """Feature divergence: KL formula, streaming Gaussian fit, layer capture, end-to-end run."""
 
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp

@@ -2,7 +2,6 @@
 no seams, nodata, georeferencing kept, band plumbing, and one-line errors naming the file."""
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp

@@ -21,7 +21,6 @@ from agrivision_jax import experiment
 from agrivision_jax import preemption
 from agrivision_jax import train
 from agrivision_jax import writers
-from agrivision_jax.configs import common
 from step_equivalence import assert_same_step, flat, initial_variables, one_step
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
