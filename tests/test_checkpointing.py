@@ -16,6 +16,7 @@ from etils import epath
 from agrivision_jax import checkpointing
 from two_processes import free_address, run_two_processes
 
+
 def _state(seed: int) -> dict:
   rng = np.random.default_rng(seed)
   return {'params': {'w': rng.normal(size=(3, 5)).astype(np.float32)},
