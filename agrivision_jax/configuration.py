@@ -191,7 +191,7 @@ def model_spec(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def depth(config: ml_collections.ConfigDict) -> str:
-  """'50' or '101' from config.model.arch."""
+  """'20', '50' or '101' from config.model.arch."""
   return config.model.arch.removeprefix('resnet')
 
 
@@ -201,8 +201,16 @@ def imagenet_weights(config: ml_collections.ConfigDict) -> str:
   torchvision ``resnet50-19c8e357.pth`` / ``resnet101-5d3b4d8f.pth`` for ibn_mode 'none';
   IBN-Net ``resnet{50,101}_ibn_a.pth`` for 'a', 's' and 'ab'; ``resnet{50,101}_ibn_b.pth``
   for 'b'.
+
+  Raises:
+    ValueError: for resnet20, which has no published ImageNet weights.
   """
-  return IMAGENET_WEIGHTS[(config.model.ibn_mode, depth(config))]
+  key = (config.model.ibn_mode, depth(config))
+  if key not in IMAGENET_WEIGHTS:
+    raise ValueError(f'config.model.arch {config.model.arch!r} has no published ImageNet '
+                     f'weights: pass --config.init_from={SCRATCH} or a converted weights '
+                     'directory')
+  return IMAGENET_WEIGHTS[key]
 
 
 def convert_command(config: ml_collections.ConfigDict) -> str:
@@ -327,6 +335,9 @@ def validate(config: ml_collections.ConfigDict, device_count: int = 1,
 
   init_from = config.init_from
   if training and not init_from and data.source != 'synthetic':
+    _check((config.model.ibn_mode, depth(config)) in IMAGENET_WEIGHTS, 'init_from',
+           f'is empty and {config.model.arch} has no published ImageNet weights: pass '
+           f'--config.init_from={SCRATCH} or a converted weights directory')
     _fail('init_from', f'is empty: a full-size run starts from ImageNet weights; download '
           f'{imagenet_weights(config)} and convert it with `{convert_command(config)}`, then '
           f"pass --config.init_from=<dir>; or pass --config.init_from={SCRATCH} to train from "

@@ -56,7 +56,7 @@ if REPO_ROOT not in sys.path:
   sys.path.insert(0, REPO_ROOT)
 
 PEAK_TFLOPS = {'bfloat16': 989.0, 'float32': 495.0}  # H200 SXM dense: bf16, TF32
-SMOKE = dict(width=8, image_size=64, batch_sizes='2', steps=2, warmup=0, arch='resnet50',
+SMOKE = dict(width=8, image_size=64, batch_sizes='2', steps=2, warmup=0, arch='resnet20',
              dtypes='bfloat16', conv_impls='xla', budget_s=600.0)
 TABLE_HEADER = (f'{"row":<34} {"compile s":>9} {"median ms":>10} {"p90 ms":>9} {"img/s":>8} '
                 f'{"peak GB":>8} {"TFLOP":>7} {"MFU %":>6} {"Lovasz %":>8} {"JAX/PT":>7}')
@@ -65,9 +65,9 @@ TABLE_HEADER = (f'{"row":<34} {"compile s":>9} {"median ms":>10} {"p90 ms":>9} {
 def parse_args(argv: list[str]) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--smoke', action='store_true',
-                      help='CPU, tiny: ResNet-50 width 8, 64 px, batch 2, 2 steps, one bfloat16 '
+                      help='CPU, tiny: ResNet-20 width 8, 64 px, batch 2, 2 steps, one bfloat16 '
                       'xla row and the peer on CPU (other flags override)')
-  parser.add_argument('--arch', default='resnet101', choices=('resnet50', 'resnet101'))
+  parser.add_argument('--arch', default='resnet101', choices=('resnet20', 'resnet50', 'resnet101'))
   parser.add_argument('--width', type=int, default=64, help='stem width (64 = the paper)')
   parser.add_argument('--image_size', type=int, default=512)
   parser.add_argument('--batch_sizes', default='16,32')

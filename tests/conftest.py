@@ -7,7 +7,7 @@ subprocess), and the cache turns those recompilations into disk reads.
 
 Shared fixtures: the tiny configs (``tiny_config``, ``tiny_model_config``,
 ``tiny_experiment_config``), the synthetic data folder (``synthetic_data_dir``), random weights of
-a model's shapes (``random_variables``), the width-4 IBN-Net50-s and its checkpoint
+a model's shapes (``random_variables``), the width-4 IBN-Net20-s and its checkpoint
 (``tiny_model``, ``tiny_workdir``), and ``scripts`` for importing scripts/<name>.py.
 """
 
@@ -91,7 +91,7 @@ def scripts():
 
 def _tiny_config(data_dir: str = 'unused', *, ibn_mode: str = 'none', modality: str = 'nrgb',
                  default_loss: str = 'hybrid') -> ml_collections.ConfigDict:
-  """ResNet-50 DeepLabV3+ of width 8 with the hybrid loss on the 32x32 synthetic tiles, batch 8.
+  """ResNet-20 DeepLabV3+ of width 8 with the hybrid loss on the 32x32 synthetic tiles, batch 8.
 
   Plain BatchNorm by default: InstanceNorm (IBN-a/b/s) over the 2x2 maps of a 32 px input is so
   ill-conditioned that float32 reduction-order noise moves its gradients by several percent,
@@ -104,7 +104,7 @@ def _tiny_config(data_dir: str = 'unused', *, ibn_mode: str = 'none', modality: 
   gradient are tested in test_losses.
   """
   from agrivision_jax.configs import common  # pylint: disable=g-import-not-at-top
-  config = common.get_config(f'depth=50,modality={modality}', ibn_mode=ibn_mode,
+  config = common.get_config(f'depth=20,modality={modality}', ibn_mode=ibn_mode,
                              default_loss=default_loss)
   config.model.update(dict(width=8, aspp_channels=16, decoder_channels=16, low_level_channels=8))
   config.data.update(dict(source='synthetic', data_dir=str(data_dir), image_size=32,
@@ -118,19 +118,19 @@ def _tiny_config(data_dir: str = 'unused', *, ibn_mode: str = 'none', modality: 
   return config
 
 
-def _tiny_model_config(arch: str = 'resnet50', in_channels: int = 4,
+def _tiny_model_config(arch: str = 'resnet20', in_channels: int = 4,
                        ibn_mode: str = 's') -> dict:
-  """A width-4 DeepLabV3+ model spec, small enough to compile in seconds on 2 CPU cores."""
+  """A width-4 ResNet-20 DeepLabV3+ model spec: compiles in seconds on 2 CPU cores."""
   return dict(arch=arch, ibn_mode=ibn_mode, output_stride=16, multi_grid=(1, 2, 4),
               in_channels=in_channels, num_classes=7, num_low_level_features=3, dtype='float32',
               width=4, aspp_channels=8, decoder_channels=8, low_level_channels=4)
 
 
 def _tiny_experiment_config(data_dir: str) -> ml_collections.ConfigDict:
-  """The IBN-Net50-s row shrunk to ``tiny_model_config`` on the 32x32 synthetic tiles (6 val,
-  3 test), with the divergence and predict settings at their defaults and batches of 8."""
+  """The IBN-Net-s row shrunk to ``tiny_model_config`` (ResNet-20) on the 32x32 synthetic tiles
+  (6 val, 3 test), with the divergence and predict settings at their defaults and batches of 8."""
   from agrivision_jax.configs import common  # pylint: disable=g-import-not-at-top
-  config = common.get_config('depth=50', ibn_mode='s')
+  config = common.get_config('depth=20', ibn_mode='s')
   config.model.update({k: v for k, v in _tiny_model_config().items() if k in config.model})
   config.data.update(dict(source='synthetic', data_dir=str(data_dir), image_size=32,
                           batch_size=8, eval_batch_size=8, num_workers=0))
@@ -169,13 +169,13 @@ def tiny_config():
 
 @pytest.fixture(scope='session')
 def tiny_model_config():
-  """``tiny_model_config(arch='resnet50', in_channels=4, ibn_mode='s')``: a model spec dict."""
+  """``tiny_model_config(arch='resnet20', in_channels=4, ibn_mode='s')``: a model spec dict."""
   return _tiny_model_config
 
 
 @pytest.fixture(scope='session')
 def tiny_experiment_config():
-  """``tiny_experiment_config(data_dir)``: the width-4 IBN-Net50-s experiment."""
+  """``tiny_experiment_config(data_dir)``: the width-4 IBN-Net20-s experiment."""
   return _tiny_experiment_config
 
 
@@ -196,7 +196,7 @@ def synthetic_data_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope='session')
 def tiny_model():
-  """(model, variables, forward): the width-4 IBN-Net50-s with random weights (seed 1) and its
+  """(model, variables, forward): the width-4 IBN-Net20-s with random weights (seed 1) and its
   jitted eval forward ``forward(images) -> logits``."""
   from agrivision_jax import models  # pylint: disable=g-import-not-at-top
   model = models.model_from_spec(_tiny_model_config())

@@ -19,13 +19,13 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_rejects_bad_arguments_before_any_compute():
-  result = _run('--config=configs/ibn_s.py:depth=50,demo', '--steps=0')
+  result = _run('--config=configs/ibn_s.py:depth=20,demo', '--steps=0')
   assert result.returncode != 0
   assert '--steps must be >= 1, got 0' in result.stderr
   result = _run('--config=configs/ibn_s.py:demo', '--peer=tensorflow')
   assert result.returncode != 0
   assert 'flag --peer=tensorflow: value should be one of <|torch>' in result.stderr
-  result = _run('--config=configs/ibn_s.py:depth=50,demo', '--cpu_devices=3')
+  result = _run('--config=configs/ibn_s.py:depth=20,demo', '--cpu_devices=3')
   assert result.returncode != 0
   assert 'config.data.batch_size=8 must be divisible by the number of devices (3)' in (
       result.stderr)
@@ -76,7 +76,7 @@ def test_count_collectives_of_a_hand_built_sharded_function():
 def test_tiny_train_step_on_8_cpu_devices_reports_collectives_and_conv_impl():
   """The real sharded train step of a width-8 IBN-s model on 8 CPU devices: its synchronised
   norm statistics and gradients need all-reduces; the JSON names the resolved conv_impl."""
-  result = _run('--config=configs/ibn_s.py:depth=50,demo', '--cpu_devices=8', '--steps=1',
+  result = _run('--config=configs/ibn_s.py:depth=20,demo', '--cpu_devices=8', '--steps=1',
                 '--eval_steps=0', '--pipeline_batches=0', '--config.data.image_size=32')
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads(result.stdout.strip().splitlines()[-1])

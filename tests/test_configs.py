@@ -245,6 +245,21 @@ def test_full_size_row_without_weights_names_file_and_command():
     configuration.validate(config)
 
 
+def test_resnet20_has_no_imagenet_weights_and_trains_from_scratch():
+  config = load_config('ibn_s', 'depth=20')
+  assert config.model.arch == 'resnet20'
+  config.data.data_dir = '/data/av'
+  with pytest.raises(ValueError) as info:
+    configuration.validate(config)
+  assert str(info.value) == ('config.init_from is empty and resnet20 has no published ImageNet '
+                             'weights: pass --config.init_from=scratch or a converted weights '
+                             'directory')
+  with pytest.raises(ValueError, match="config.model.arch 'resnet20' has no published ImageNet"):
+    configuration.imagenet_weights(config)
+  config.init_from = 'scratch'
+  configuration.validate(config)
+
+
 def test_main_without_a_dataset_says_how_to_get_one(tmp_path, monkeypatch):
   config, _ = parse_command('python -m agrivision_jax.main --config=configs/ibn_s.py --workdir=w',
                             str(tmp_path), monkeypatch)

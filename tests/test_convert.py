@@ -206,7 +206,7 @@ def test_ibn_s_and_ab_from_ibn_a_leave_the_new_norms_fresh():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('arch', ['resnet50', 'resnet101'])
+@pytest.mark.parametrize('arch', ['resnet20', 'resnet50', 'resnet101'])
 def test_full_width_key_coverage(arch):
   """Full-width ImageNet files (torchvision key count by formula) and DeepLabV3+ checkpoints plan
   without error for every ibn_mode, shapes only (meta tensors, jax.eval_shape)."""
@@ -237,6 +237,7 @@ def test_full_width_key_coverage(arch):
     shapes = {k: tuple(v.shape) for k, v in deeplab.state_dict().items()}
     plan = convert.plan_conversion(shapes, _model_config(ibn_mode=mode, **full_width))
     assert not plan.fresh and len(plan.used) + len(plan.ignored) == len(shapes)
+    assert plan.layout.arch == arch
 
 
 # ------------------------------------------------------------------------------- errors

@@ -99,6 +99,8 @@ def test_backbone_layer_names():
   assert len(names) == 34 and names[:2] == ['stem', 'layer1_0']
   assert names[-4:] == ['layer3_22', 'layer4_0', 'layer4_1', 'layer4_2']
   assert len(models.backbone_layer_names('resnet50')) == 17
+  assert models.backbone_layer_names('resnet20') == [
+      'stem', 'layer1_0', 'layer2_0', 'layer3_0', 'layer4_0', 'layer4_1', 'layer4_2']
   with pytest.raises(ValueError, match='arch'):
     models.backbone_layer_names('resnet18')
 
@@ -179,12 +181,13 @@ def test_bad_images_raise_value_error():
 def test_conv_impls_build_the_same_model():
   """'xla' and 'cpu_gemm': the same variables (names, shapes), train-mode logits, batch statistics
   and parameter gradients. Compared in float64 (to 1e-9): in float32 the gradients of a
-  train-mode net at init carry float32 noise amplified through ~60 norms (up to a few % of a
+  train-mode net at init carry float32 noise amplified through the norms (up to a few % of a
   leaf's scale), which would hide a real difference; the float32 forward of each implementation
-  is checked against PyTorch in test_deeplab_logits_parity."""
+  is checked against PyTorch in test_deeplab_logits_parity. On ResNet-20, which has every kind
+  of convolution ResNet-50 has (strided, dilated, multi-grid, ASPP rates past the map)."""
   x = _images(8, (2, 40, 56, 4)).astype(np.float64)
   labels = _images(9, (2, 40, 56, NUM_CLASSES)).astype(np.float64)
-  built = {impl: _model(dict(TINY, conv_impl=impl)) for impl in CONV_IMPLS}
+  built = {impl: _model(dict(TINY, arch='resnet20', conv_impl=impl)) for impl in CONV_IMPLS}
   shapes = {impl: jax.eval_shape(lambda m=m: m.init(jax.random.key(0), x))
             for impl, m in built.items()}
   assert (jax.tree_util.tree_structure(shapes['xla'])

@@ -174,14 +174,14 @@ def _batches(images, valid, ids, batch_size):
 
 
 @pytest.fixture(scope='module')
-def tiny_r50(tiny_model_config, random_variables):
+def tiny_network(tiny_model_config, random_variables):
   model = models.model_from_spec(tiny_model_config())
   return model, random_variables(model)
 
 
 @pytest.mark.slow
-def test_streaming_statistics_match_direct_computation_for_any_batch_size(tiny_r50):
-  model, variables = tiny_r50
+def test_streaming_statistics_match_direct_computation_for_any_batch_size(tiny_network):
+  model, variables = tiny_network
   mesh = experiment.create_mesh(jax.devices()[:1])
   images, valid, ids = _split_images()
   results = [divergence.accumulate_statistics(model, variables, _batches(images, valid, ids, size),
@@ -204,7 +204,7 @@ def test_streaming_statistics_match_direct_computation_for_any_batch_size(tiny_r
         np.testing.assert_allclose(stats.mean, reference.mean(axis=0), rtol=2e-5, atol=1e-6)
         np.testing.assert_allclose(stats.variance(), reference.var(axis=0, ddof=1), rtol=2e-4,
                                    atol=1e-7)
-  assert list(results[0][0]) == models.backbone_layer_names('resnet50')
+  assert list(results[0][0]) == models.backbone_layer_names(model.arch)
 
 
 def _brute_force_batch_pooling(model, variables, images, valid, ids, batch_size, valid_only):
@@ -240,8 +240,8 @@ def _brute_force_batch_pooling(model, variables, images, valid, ids, batch_size,
 
 
 @pytest.mark.parametrize('batch_size, valid_only', [(2, True), (4, True), (4, False)])
-def test_batch_pooling_matches_brute_force(tiny_r50, batch_size, valid_only):
-  model, variables = tiny_r50
+def test_batch_pooling_matches_brute_force(tiny_network, batch_size, valid_only):
+  model, variables = tiny_network
   mesh = experiment.create_mesh(jax.devices()[:1])
   images, valid, ids = _split_images()
   stats_a, stats_b, used = divergence.accumulate_statistics(
@@ -259,8 +259,8 @@ def test_batch_pooling_matches_brute_force(tiny_r50, batch_size, valid_only):
     np.testing.assert_allclose(stats_b[name].variance(), var_b, rtol=2e-4, atol=1e-7)
 
 
-def test_identical_inputs_give_zero_divergence_at_every_layer(tiny_r50):
-  model, variables = tiny_r50
+def test_identical_inputs_give_zero_divergence_at_every_layer(tiny_network):
+  model, variables = tiny_network
   mesh = experiment.create_mesh(jax.devices()[:1])
   images, valid, ids = _split_images(seed=7)
   stats = divergence.accumulate_statistics(model, variables, _batches(images, valid, ids, 4), mesh,
@@ -271,7 +271,7 @@ def test_identical_inputs_give_zero_divergence_at_every_layer(tiny_r50):
   stats = divergence.accumulate_statistics(model, variables, _batches(images, valid, ids, 4), mesh,
                                            pairing='replicate', valid_only=True)[:2]
   layers = divergence.summarize(*stats, var_floor=0.01)
-  assert [layer['name'] for layer in layers] == models.backbone_layer_names('resnet50')
+  assert [layer['name'] for layer in layers] == models.backbone_layer_names(model.arch)
   np.testing.assert_allclose([layer['divergence'] for layer in layers], 0.0, atol=1e-9)
 
 
@@ -314,9 +314,9 @@ def test_run_writes_json_stats_and_plot(tiny_experiment_config, random_variables
   assert written['settings']['num_images'] == written['settings']['num_samples'] == with_valid > 2
   assert written['settings']['pooling'] == 'image'
   assert written['settings']['input_a'] == 'R,G,B,R' and written['settings']['random_init']
-  names = models.backbone_layer_names('resnet50')
+  names = models.backbone_layer_names(config.model.arch)
   assert [layer['name'] for layer in written['layers']] == names
-  assert [layer['index'] for layer in written['layers']] == list(range(17))
+  assert [layer['index'] for layer in written['layers']] == list(range(len(names)))
   assert written['layers'][0]['channels'] == 4 and written['layers'][-1]['channels'] == 128
   assert all(np.isfinite(layer['divergence']) and layer['divergence'] > 0
              for layer in written['layers'])

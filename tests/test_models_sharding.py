@@ -21,7 +21,7 @@ import torch_reference as ref
 from agrivision_jax import models
 from agrivision_jax.models import norms
 
-CONFIG = dict(arch='resnet50', ibn_mode='s', output_stride=16, multi_grid=(1, 2, 4),
+CONFIG = dict(arch='resnet20', ibn_mode='s', output_stride=16, multi_grid=(1, 2, 4),
               num_low_level_features=3, dtype='float32', width=8, aspp_channels=16,
               decoder_channels=16, low_level_channels=8, sn_group_size=0)
 
@@ -38,7 +38,7 @@ def test_sharded_forward_equals_single_device(conv_impl):
   model = models.create_model(dict(CONFIG, conv_impl=conv_impl), in_channels=4, num_classes=7)
   images = np.random.default_rng(0).standard_normal((8, 40, 56, 4))
   torch_model = ref.randomize_(ref.DeepLab(
-      'resnet50', 's', 16, (1, 2, 4), 4, 7, 3, width=8, aspp_channels=16, decoder_channels=16,
+      'resnet20', 's', 16, (1, 2, 4), 4, 7, 3, width=8, aspp_channels=16, decoder_channels=16,
       low_level_channels=8), seed=1)
   variables = ref.flax_variables(torch_model, model, images.astype(np.float32), train=False)
   with jax.enable_x64(True):
@@ -48,7 +48,9 @@ def test_sharded_forward_equals_single_device(conv_impl):
   # mean and mean of squares are reduced together.
   layers_with_batch_stats = {path[:-1] for path, _ in
                              jax.tree_util.tree_leaves_with_path(variables['batch_stats'])}
-  assert len(layers_with_batch_stats) == 64
+  torch_norms_with_stats = [m for m in torch_model.modules()
+                           if getattr(m, 'running_mean', None) is not None]
+  assert len(layers_with_batch_stats) == len(torch_norms_with_stats) > 20
   assert 0 < _all_reduces(compiled_text) <= len(layers_with_batch_stats)
 
 

@@ -27,9 +27,9 @@ pytestmark = pytest.mark.slow
 
 
 def overrides(data_dir: str) -> list[str]:
-  """A width-8 ResNet-50 on 32 px synthetic tiles: 8 steps, validation and checkpoint every 4."""
+  """A width-8 ResNet-20 on 32 px synthetic tiles: 8 steps, validation and checkpoint every 4."""
   return [
-      '--config=configs/resnet.py:depth=50,demo', '--config.model.width=8',
+      '--config=configs/resnet.py:depth=20,demo', '--config.model.width=8',
       '--config.model.aspp_channels=16', '--config.model.decoder_channels=16',
       '--config.model.low_level_channels=8', '--config.data.image_size=32',
       '--config.data.synthetic.size=32', '--config.data.synthetic.num_train=24',
@@ -41,7 +41,7 @@ def overrides(data_dir: str) -> list[str]:
 
 def in_process_config(data_dir: str):
   """The config ``overrides`` gives (for restoring the workdirs here)."""
-  config = common.get_config('depth=50,demo')
+  config = common.get_config('depth=20,demo')
   config.model.update(dict(width=8, aspp_channels=16, decoder_channels=16, low_level_channels=8))
   config.data.update(dict(image_size=32, data_dir=data_dir))
   config.data.synthetic.update(dict(size=32, num_train=24, num_val=6, num_test=3))

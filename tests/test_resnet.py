@@ -1,5 +1,6 @@
 """Bottleneck and (tiny-width) ResNet-50 vs the PyTorch references, for every ibn_mode, under both
-conv implementations ('cpu_gemm' for every case, 'xla' for a covering subset)."""
+conv implementations ('cpu_gemm' for every case, 'xla' for a covering subset); ResNet-20 for two
+cases."""
 import jax
 import numpy as np
 import pytest
@@ -36,19 +37,21 @@ def test_bottleneck_parity(mode, stride, dilation, downsample, conv_impl):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('mode,output_stride,multi_grid,in_channels,conv_impl', [
-    *[(mode, 16, (1, 2, 4), 4, 'cpu_gemm') for mode in IBN_MODES],
-    *[(mode, 8, (1, 2, 4), 4, 'cpu_gemm') for mode in IBN_MODES],
-    ('none', 32, (1, 2, 4), 3, 'cpu_gemm'),
-    ('a', 16, (), 4, 'cpu_gemm'),
-    ('s', 16, (1, 2, 4), 4, 'xla'),
-    ('ab', 8, (1, 2, 4), 4, 'xla'),
-    ('b', 32, (1, 2, 4), 3, 'xla'),
+@pytest.mark.parametrize('arch,mode,output_stride,multi_grid,in_channels,conv_impl', [
+    *[('resnet50', mode, 16, (1, 2, 4), 4, 'cpu_gemm') for mode in IBN_MODES],
+    *[('resnet50', mode, 8, (1, 2, 4), 4, 'cpu_gemm') for mode in IBN_MODES],
+    ('resnet50', 'none', 32, (1, 2, 4), 3, 'cpu_gemm'),
+    ('resnet50', 'a', 16, (), 4, 'cpu_gemm'),
+    ('resnet50', 's', 16, (1, 2, 4), 4, 'xla'),
+    ('resnet50', 'ab', 8, (1, 2, 4), 4, 'xla'),
+    ('resnet50', 'b', 32, (1, 2, 4), 3, 'xla'),
+    ('resnet20', 'ab', 8, (1, 2, 4), 4, 'cpu_gemm'),
+    ('resnet20', 's', 16, (1, 2, 4), 4, 'xla'),
 ])
-def test_resnet50_parity(mode, output_stride, multi_grid, in_channels, conv_impl):
-  torch_net = ref.randomize_(ref.ResNet(ref.ARCH_LAYERS['resnet50'], mode, output_stride,
+def test_resnet_parity(arch, mode, output_stride, multi_grid, in_channels, conv_impl):
+  torch_net = ref.randomize_(ref.ResNet(ref.ARCH_LAYERS[arch], mode, output_stride,
                                         multi_grid, in_channels, width=8), seed=4)
-  flax_net = resnet.ResNet(layers=resnet.ARCH_LAYERS['resnet50'], ibn_mode=mode,
+  flax_net = resnet.ResNet(layers=resnet.ARCH_LAYERS[arch], ibn_mode=mode,
                            output_stride=output_stride, multi_grid=multi_grid, width=8,
                            conv=CONV_MODULES[conv_impl])
 

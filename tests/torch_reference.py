@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from agrivision_jax.convert import state_dict_to_variables
 
-ARCH_LAYERS = {'resnet50': (3, 4, 6, 3), 'resnet101': (3, 4, 23, 3)}
+ARCH_LAYERS = {'resnet20': (1, 1, 1, 3), 'resnet50': (3, 4, 6, 3), 'resnet101': (3, 4, 23, 3)}
 
 
 class SwitchNorm2d(nn.Module):

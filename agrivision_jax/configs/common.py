@@ -4,7 +4,8 @@ Every row config (``resnet.py``, ``ibn_a.py``, ``ibn_b.py``, ``ibn_s.py``) start
 ``get_config`` here and differs only in ``model.ibn_mode`` and its default loss. Variants are
 comma-separated after the file name, e.g. ``--config=configs/ibn_s.py:depth=50,loss=bce_dice,demo``:
 
-  depth=50|101                        model.arch resnet50 | resnet101 (default 101)
+  depth=20|50|101                     model.arch resnet20 | resnet50 | resnet101 (default 101;
+                                      resnet20 has no ImageNet weights: init_from=scratch)
   loss=bce|bce_dice|bce_lovasz|hybrid (lambda_dice, lambda_lovasz) = (0,0) | (1,0) | (0,1) | (1,1)
   modality=nrgb|rgb|nir               data.modality (the model reads 4 | 3 | 3 channels)
   authors                             the authors' released code where it differs from the paper
@@ -20,7 +21,7 @@ import os
 
 import ml_collections
 
-DEPTHS = {'50': 'resnet50', '101': 'resnet101'}
+DEPTHS = {'20': 'resnet20', '50': 'resnet50', '101': 'resnet101'}
 # (lambda_dice, lambda_lovasz) of L = (BCE + l1*Dice + l2*Lovasz) / (1 + l1 + l2); Table 3's grid.
 LOSSES = {'bce': (0.0, 0.0), 'bce_dice': (1.0, 0.0), 'bce_lovasz': (0.0, 1.0), 'hybrid': (1.0, 1.0)}
 MODALITIES = ('nrgb', 'rgb', 'nir')

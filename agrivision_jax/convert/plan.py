@@ -35,7 +35,7 @@ ACCEPTED_BACKBONE_VARIANTS = {
     'ab': ('a', 'ab'),
 }
 # Blocks in stage 3 -> arch (stage 4 always has 3 blocks).
-_ARCH_BY_STAGE3_BLOCKS = {6: 'resnet50', 23: 'resnet101'}
+_ARCH_BY_STAGE3_BLOCKS = {1: 'resnet20', 6: 'resnet50', 23: 'resnet101'}
 # config.model fields that decide the variable shapes: always, and for the head as well.
 BACKBONE_FIELDS = ('arch', 'ibn_mode', 'in_channels', 'width')
 HEAD_FIELDS = ('num_classes', 'num_low_level_features', 'aspp_channels', 'decoder_channels',
@@ -61,7 +61,7 @@ class SourceLayout:
   Attributes:
     kind: 'imagenet' (a ResNet backbone file) or 'deeplab' (the authors' full model).
     ibn_variant: 'none' | 'a' | 'b' | 's' | 'ab' of the backbone keys.
-    arch: 'resnet50' / 'resnet101' from the stage-3 block count, None if neither.
+    arch: 'resnet20' / 'resnet50' / 'resnet101' from the stage-3 block count, None if neither.
     in_channels: input channels of the first conv, None without one.
     width: stem width (first conv's output channels), None without one.
   """

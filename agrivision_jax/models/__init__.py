@@ -114,7 +114,8 @@ def init_variables(model: nn.Module, key: Array, image_shape: tuple[int, ...]) -
 
 
 def backbone_layer_names(arch: str) -> list[str]:
-  """['stem', 'layer1_0', ..., 'layer4_2']: 17 names for resnet50, 34 for resnet101."""
+  """['stem', 'layer1_0', ..., 'layer4_2']: 7 names for resnet20, 17 for resnet50, 34 for
+  resnet101."""
   if arch not in ARCH_LAYERS:
     raise ValueError(f'config.model.arch must be one of {tuple(ARCH_LAYERS)}, got {arch!r}')
   return layer_names(ARCH_LAYERS[arch])

@@ -1,4 +1,4 @@
-"""Bottleneck ResNet-50/101 with IBN-a / IBN-b / IBN-s / IBN-ab blocks, dilated DeepLab-style.
+"""Bottleneck ResNet-20/50/101 with IBN-a / IBN-b / IBN-s / IBN-ab blocks, dilated DeepLab-style.
 
 Follows the authors' ``model/backbone/resnet.py`` (LAOS-Y/AgriVision):
 
@@ -43,7 +43,11 @@ Array = jax.Array
 Dtype = Any
 ModuleDef = Callable[..., nn.Module]
 
-ARCH_LAYERS = {'resnet50': (3, 4, 6, 3), 'resnet101': (3, 4, 23, 3)}
+# Blocks per stage. ResNet-50/101 are the paper's backbones (ImageNet weights published);
+# ResNet-20 has one block in stages 1-3 and the 3 multi-grid blocks of stage 4, every kind of
+# layer the deeper nets have (strided, dilated, multi-grid, each IBN placement) in 6 blocks
+# instead of 16: for fast experiments from scratch, and the test suite's training runs.
+ARCH_LAYERS = {'resnet20': (1, 1, 1, 3), 'resnet50': (3, 4, 6, 3), 'resnet101': (3, 4, 23, 3)}
 IBN_MODES = ('none', 'a', 'b', 's', 'ab')
 EXPANSION = 4
 NUM_MULTI_GRID_BLOCKS = 3  # stage 4 always has 3 blocks
