@@ -52,10 +52,11 @@ SYNTHETIC = dict(num_train=24, num_val=6, num_test=3, size=32, seed=0)
 # runs whole on one worker and the modules are handed out in collection order, so a long module
 # collected last would leave the other worker idle at the end. (xdist's default reorder hands out
 # the modules with the most tests first, whatever they cost.)
-LONGEST_FIRST = ('test_train', 'test_reliability', 'test_deeplab', 'test_multiprocess',
-                 'test_resnet', 'test_benchmark', 'test_convert', 'test_divergence',
-                 'test_models_sharding', 'test_gpu_benchmark', 'test_preemption', 'test_field',
-                 'test_predict')
+LONGEST_FIRST = ('test_deeplab', 'test_reliability', 'test_resnet', 'test_train', 'test_convert',
+                 'test_multiprocess', 'test_benchmark', 'test_preemption', 'test_conv',
+                 'test_gpu_benchmark', 'test_checkpointing', 'test_divergence', 'test_losses',
+                 'test_models_sharding', 'test_main', 'test_field', 'test_data_pipeline',
+                 'test_predict', 'test_experiment')
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -107,7 +107,7 @@ def test_backbone_layer_names():
 
 @pytest.mark.slow
 def test_init_variables():
-  model = _model(TINY)
+  model = _model(dict(TINY, arch='resnet20'))
   variables = models.init_variables(model, jax.random.key(0), (2, 72, 88, 4))
   template = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 72, 88, 4))))
   assert (jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(template))
