@@ -56,11 +56,11 @@ def test_interpolation_matrix_rows():
 
 @pytest.mark.slow
 @pytest.mark.parametrize('conv_impl', CONV_IMPLS)
-@pytest.mark.parametrize('num_low_level_features,ibn_mode,output_stride',
-                         [(1, 'a', 16), (3, 's', 8)])
-def test_deeplab_logits_parity(num_low_level_features, ibn_mode, output_stride, conv_impl):
-  config = dict(TINY, num_low_level_features=num_low_level_features, ibn_mode=ibn_mode,
-                output_stride=output_stride, conv_impl=conv_impl)
+@pytest.mark.parametrize('arch,num_low_level_features,ibn_mode,output_stride',
+                         [('resnet50', 1, 'a', 16), ('resnet20', 3, 's', 8)])
+def test_deeplab_logits_parity(arch, num_low_level_features, ibn_mode, output_stride, conv_impl):
+  config = dict(TINY, arch=arch, num_low_level_features=num_low_level_features,
+                ibn_mode=ibn_mode, output_stride=output_stride, conv_impl=conv_impl)
   x = _images(4, (2, 72, 88, 4))
   # float32 eval mode with the default dropout rates (inactive in eval) ...
   logits = ref.check_parity(_torch_deeplab(config), _model(config), x, x,
