@@ -40,6 +40,8 @@ IMAGENET_WEIGHTS = {
        for depth in ('50', '101')},
     ('b', '50'): 'resnet50_ibn_b.pth', ('b', '101'): 'resnet101_ibn_b.pth',
 }
+_NO_WEIGHTS = (f'has no published ImageNet weights: pass --config.init_from={SCRATCH} or a '
+               'converted weights directory')
 _ROW_FILES = {'none': 'resnet', 'a': 'ibn_a', 'b': 'ibn_b', 's': 'ibn_s', 'ab': 'ibn_a'}
 
 
@@ -205,12 +207,14 @@ def imagenet_weights(config: ml_collections.ConfigDict) -> str:
   Raises:
     ValueError: for resnet20, which has no published ImageNet weights.
   """
-  key = (config.model.ibn_mode, depth(config))
-  if key not in IMAGENET_WEIGHTS:
-    raise ValueError(f'config.model.arch {config.model.arch!r} has no published ImageNet '
-                     f'weights: pass --config.init_from={SCRATCH} or a converted weights '
-                     'directory')
-  return IMAGENET_WEIGHTS[key]
+  if not has_imagenet_weights(config):
+    raise ValueError(f'config.model.arch {config.model.arch!r} {_NO_WEIGHTS}')
+  return IMAGENET_WEIGHTS[(config.model.ibn_mode, depth(config))]
+
+
+def has_imagenet_weights(config: ml_collections.ConfigDict) -> bool:
+  """Whether published ImageNet weights exist for the row (not for resnet20)."""
+  return (config.model.ibn_mode, depth(config)) in IMAGENET_WEIGHTS
 
 
 def convert_command(config: ml_collections.ConfigDict) -> str:
@@ -335,9 +339,8 @@ def validate(config: ml_collections.ConfigDict, device_count: int = 1,
 
   init_from = config.init_from
   if training and not init_from and data.source != 'synthetic':
-    _check((config.model.ibn_mode, depth(config)) in IMAGENET_WEIGHTS, 'init_from',
-           f'is empty and {config.model.arch} has no published ImageNet weights: pass '
-           f'--config.init_from={SCRATCH} or a converted weights directory')
+    _check(has_imagenet_weights(config), 'init_from',
+           f'is empty and {config.model.arch} {_NO_WEIGHTS}')
     _fail('init_from', f'is empty: a full-size run starts from ImageNet weights; download '
           f'{imagenet_weights(config)} and convert it with `{convert_command(config)}`, then '
           f"pass --config.init_from=<dir>; or pass --config.init_from={SCRATCH} to train from "

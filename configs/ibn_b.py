@@ -1,7 +1,8 @@
 """DeepLabV3+ on IBN-Net-b (Table 2 rows IBN-Net50/101-b).
 
 Variants (agrivision_jax/configs/common.py): depth=20|50|101 (default 101),
-loss=bce|bce_dice|bce_lovasz|hybrid (default bce_dice), modality=nrgb|rgb|nir, authors, demo. Example:
+loss=bce|bce_dice|bce_lovasz|hybrid (default bce_dice),
+modality=nrgb|rgb|nir, authors, demo. Example:
 `python -m agrivision_jax.main --config=configs/ibn_b.py:depth=50 --workdir=workdirs/ibn50_b`
 """
 

@@ -67,7 +67,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument('--smoke', action='store_true',
                       help='CPU, tiny: ResNet-20 width 8, 64 px, batch 2, 2 steps, one bfloat16 '
                       'xla row and the peer on CPU (other flags override)')
-  parser.add_argument('--arch', default='resnet101', choices=('resnet20', 'resnet50', 'resnet101'))
+  parser.add_argument('--arch', default='resnet101',
+                      choices=('resnet20', 'resnet50', 'resnet101'))
   parser.add_argument('--width', type=int, default=64, help='stem width (64 = the paper)')
   parser.add_argument('--image_size', type=int, default=512)
   parser.add_argument('--batch_sizes', default='16,32')
