@@ -104,6 +104,25 @@ def load_config(name: str, arg: str = ''):
   return fv.config
 
 
+def valid_field_mode_config():
+  """The resnet config, valid, with the field inputs set (the field checks that join fields run
+  in field mode only)."""
+  config = load_config('resnet', '')
+  config.data.data_dir, config.init_from = '/data/av', 'scratch'
+  config.field.inputs = 'farm.tif'
+  return config
+
+
+def set_field(config, field: str, value) -> None:
+  """Sets the dotted ``field`` of ``config`` to ``value`` of any type."""
+  group, _, name = field.rpartition('.')
+  parent = config
+  for part in filter(None, group.split('.')):
+    parent = parent[part]
+  with parent.ignore_type():
+    parent[name] = value
+
+
 def test_every_paper_row_is_documented_and_builds_its_row(tmp_path, monkeypatch):
   commands = documented_commands()
   assert set(commands) == set(ROWS)
@@ -344,35 +363,21 @@ def test_bad_variants_name_themselves(arg, message):
     ('init_from', 0, "config.init_from must be a converted weights directory, 'scratch' or empty"),
 ])
 def test_validate_names_the_bad_field(field, value, message):
-  config = load_config('resnet', '')
-  config.data.data_dir, config.init_from = '/data/av', 'scratch'
-  config.field.inputs = 'farm.tif'  # the field checks that join fields run in field mode only
+  config = valid_field_mode_config()
   configuration.validate(config, device_count=8)
-  group, _, name = field.rpartition('.')
-  parent = config
-  for part in filter(None, group.split('.')):
-    parent = parent[part]
-  with parent.ignore_type():
-    parent[name] = value
+  set_field(config, field, value)
   with pytest.raises(ValueError, match=re.escape(message)):
     configuration.validate(config, device_count=8)
 
 
 @pytest.mark.parametrize('field, value', [
-    ('restore', 'best'), ('restore', 0), ('restore', '4'), ('restore', 12000), ('field.band_order', 'NRGB'),
-    ('field.band_order', 'BGRXNA'),
+    ('restore', 'best'), ('restore', 0), ('restore', '4'), ('restore', 12000),
+    ('field.band_order', 'NRGB'), ('field.band_order', 'BGRXNA'),
     ('field.nodata', 0), ('model.multi_grid', ()), ('model.sn_group_size', 8),
     ('loss.group_size', 32), ('model.conv_impl', 'xla'), ('data.source', 'tfds')])
 def test_validate_accepts_the_allowed_values(field, value):
-  config = load_config('resnet', '')
-  config.data.data_dir, config.init_from = '/data/av', 'scratch'
-  config.field.inputs = 'farm.tif'
-  group, _, name = field.rpartition('.')
-  parent = config
-  for part in filter(None, group.split('.')):
-    parent = parent[part]
-  with parent.ignore_type():
-    parent[name] = value
+  config = valid_field_mode_config()
+  set_field(config, field, value)
   configuration.validate(config, device_count=8)
 
 
@@ -418,8 +423,7 @@ def test_field_settings_are_joined_with_the_model_only_in_field_mode(field, valu
   against config.data."""
   config = load_config('resnet', '')
   config.data.data_dir, config.init_from = '/data/av', 'scratch'
-  group, name = field.split('.')
-  config[group][name] = value
+  set_field(config, field, value)
   configuration.validate(config, device_count=8)
   config.field.inputs = 'farm.tif'
   with pytest.raises(ValueError, match=re.escape(f'config.{field} ')):
