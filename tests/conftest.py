@@ -162,6 +162,22 @@ def _random_variables(model, seed: int = 0, size: int = 32) -> dict:
   return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
+def _set_field(config: ml_collections.ConfigDict, field: str, value) -> None:
+  """Sets the dotted ``field`` of ``config`` ('seed', 'model.width') to ``value`` of any type."""
+  group, _, name = field.rpartition('.')
+  parent = config
+  for part in filter(None, group.split('.')):
+    parent = parent[part]
+  with parent.ignore_type():
+    parent[name] = value
+
+
+@pytest.fixture(scope='session')
+def set_field():
+  """``set_field(config, 'model.width', value)``: sets a dotted config field, of any type."""
+  return _set_field
+
+
 @pytest.fixture(scope='session')
 def tiny_config():
   """``tiny_config(data_dir, ibn_mode='none', modality='nrgb', default_loss='hybrid')``."""

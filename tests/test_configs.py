@@ -113,16 +113,6 @@ def valid_field_mode_config():
   return config
 
 
-def set_field(config, field: str, value) -> None:
-  """Sets the dotted ``field`` of ``config`` to ``value`` of any type."""
-  group, _, name = field.rpartition('.')
-  parent = config
-  for part in filter(None, group.split('.')):
-    parent = parent[part]
-  with parent.ignore_type():
-    parent[name] = value
-
-
 def test_every_paper_row_is_documented_and_builds_its_row(tmp_path, monkeypatch):
   commands = documented_commands()
   assert set(commands) == set(ROWS)
@@ -362,7 +352,7 @@ def test_bad_variants_name_themselves(arg, message):
     ('field.inputs', None, "config.field.inputs must be a string, got None"),
     ('init_from', 0, "config.init_from must be a converted weights directory, 'scratch' or empty"),
 ])
-def test_validate_names_the_bad_field(field, value, message):
+def test_validate_names_the_bad_field(field, value, message, set_field):
   config = valid_field_mode_config()
   configuration.validate(config, device_count=8)
   set_field(config, field, value)
@@ -375,7 +365,7 @@ def test_validate_names_the_bad_field(field, value, message):
     ('field.band_order', 'NRGB'), ('field.band_order', 'BGRXNA'),
     ('field.nodata', 0), ('model.multi_grid', ()), ('model.sn_group_size', 8),
     ('loss.group_size', 32), ('model.conv_impl', 'xla'), ('data.source', 'tfds')])
-def test_validate_accepts_the_allowed_values(field, value):
+def test_validate_accepts_the_allowed_values(field, value, set_field):
   config = valid_field_mode_config()
   set_field(config, field, value)
   configuration.validate(config, device_count=8)
@@ -418,7 +408,8 @@ def test_validate_missing_field_and_missing_init_from(tmp_path):
 
 
 @pytest.mark.parametrize('field, value', [('field.band_order', 'RGB'), ('field.overlap', 512)])
-def test_field_settings_are_joined_with_the_model_only_in_field_mode(field, value):
+def test_field_settings_are_joined_with_the_model_only_in_field_mode(field, value,
+                                                                     set_field):
   """Without config.field.inputs the field mode is not run: its tile settings are not checked
   against config.data."""
   config = load_config('resnet', '')

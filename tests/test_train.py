@@ -288,7 +288,7 @@ def test_restore_without_checkpoint_names_the_workdir(config, tmp_path, restore)
 @pytest.mark.parametrize('field,value', [('loss.lambda_dice', 0.5), ('optim.momentum', 0.8),
                                          ('seed', 7), ('model.width', 16)])
 def test_equal_configs_share_one_jitted_step_and_any_difference_builds_another(config, field,
-                                                                               value):
+                                                                               value, set_field):
   mesh = experiment.create_mesh()
   step = train.make_train_step(config, experiment.create_model(config), mesh)
   eval_step = train.make_eval_step(config, experiment.create_model(config), mesh)
@@ -296,8 +296,8 @@ def test_equal_configs_share_one_jitted_step_and_any_difference_builds_another(c
   model, fresh_mesh = experiment.create_model(same), experiment.create_mesh()
   assert train.make_train_step(same, model, fresh_mesh) is step
   assert train.make_eval_step(same, model, fresh_mesh) is eval_step
-  section, _, name = field.rpartition('.')
-  (same[section] if section else same)[name] = value
+  set_field(same, field, value)
+  section = field.rpartition('.')[0]
   assert train.make_train_step(same, experiment.create_model(same), mesh) is not step
   assert train.make_train_step(config, experiment.create_model(config), experiment.create_mesh(
       jax.devices()[:4])) is not step
